@@ -1,0 +1,164 @@
+"""Forward and training-step latency of adapted models as ratios to the base model and to PEFT's LoRA.
+
+All variants are built from the same weights and timed in one process with interleaved repetitions (variant order
+rotates every repetition); the table reports medians and the interquartile range, the JSON every sample. The base
+model's training step is a full fine-tuning step (every weight gets a gradient); adapters train only their parameters.
+
+    python benchmarks/overhead.py --quick            # CPU, ~1 min
+    python benchmarks/overhead.py --device cuda      # full size on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import bitsandbytes
+import peft
+import torch
+import transformers
+from accelerate import init_empty_weights
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import peft_ext
+from peft_ext import GateConfig, select_gates
+from peft_ext.tiny import config_path
+
+SHAPES = {
+    # name: (config file, overrides, batch, sequence length)
+    "tiny": ("tiny-llama", {}, 8, 32),
+    "small": ("tiny-llama", {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+                             "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 128}, 4, 128),
+}
+
+
+def base_config(shape: str):
+    name, overrides, _, _ = SHAPES[shape]
+    return AutoConfig.for_model(**{**json.loads(config_path(name).read_text()), **overrides})
+
+
+def variants(shape: str, device: str, dtype: torch.dtype) -> dict:
+    config = base_config(shape)
+    torch.manual_seed(0)
+    state = AutoModelForCausalLM.from_config(config, dtype=dtype).state_dict()
+
+    def fresh():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+    hidden_total = config.num_hidden_layers * config.hidden_size
+    sparse = get_peft_model(fresh(), GateConfig(num_gates=max(1, hidden_total // 20)))
+    select_gates(sparse, strategy="random", progress=False)
+    return {
+        "base": fresh(),
+        "gates dense": get_peft_model(fresh(), GateConfig()),
+        "gates 5%": sparse,
+        "peft lora r8 all-linear": get_peft_model(fresh(), LoraConfig(r=8, target_modules="all-linear")),
+    }
+
+
+def time_once(model, ids, train: bool) -> float:
+    synchronize = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    if train:
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    else:
+        with torch.no_grad():
+            model(input_ids=ids)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def measure(shape: str, device: str, dtype: torch.dtype, repeats: int) -> dict:
+    models = variants(shape, device, dtype)
+    _, _, batch, length = SHAPES[shape]
+    ids = torch.randint(4, 100, (batch, length), device=device)
+    names = list(models)
+    samples = {mode: {name: [] for name in names} for mode in ("forward", "train_step")}
+    for mode in samples:
+        for name in names:  # warm-up
+            time_once(models[name], ids, mode == "train_step")
+        for repeat in range(repeats):
+            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+                samples[mode][name].append(time_once(models[name], ids, mode == "train_step"))
+    result = {"shape": shape, "batch": batch, "sequence_length": length, "modes": {}}
+    for mode, by_name in samples.items():
+        medians = {name: statistics.median(values) for name, values in by_name.items()}
+        result["modes"][mode] = {
+            name: {
+                "median_ms": medians[name] * 1e3,
+                "iqr_ms": (statistics.quantiles(values, n=4)[2] - statistics.quantiles(values, n=4)[0]) * 1e3,
+                "ratio_to_base": medians[name] / medians["base"],
+                "ratio_to_lora": medians[name] / medians["peft lora r8 all-linear"],
+                "samples_ms": [v * 1e3 for v in values],
+            }
+            for name, values in by_name.items()
+        }
+    result["trainable_parameters"] = {
+        name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models.items()
+    }
+    return result
+
+
+def qwen05b_gate_counts() -> dict:
+    """Gate parameters on a Qwen2.5-0.5B-shaped model (24 blocks x 896), built on the meta device."""
+    config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)
+    counts = {}
+    for label, num_gates in (("dense", None), ("num_gates=5000", 5000)):
+        with init_empty_weights():
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), GateConfig(num_gates=num_gates))
+        stored = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts[label] = {"stored_gate_parameters": stored, "free_gates": num_gates or stored}
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--out", default="benchmarks/results/overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    dtype = getattr(torch, args.dtype)
+    repeats = 15 if args.quick else 50
+    report = {
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "bitsandbytes": bitsandbytes.__version__, "peft_ext": peft_ext.__version__,
+                     "python": platform.python_version()},
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "seed": 0,
+        "repeats": repeats,
+        "results": [measure(shape, args.device, dtype, repeats) for shape in SHAPES],
+        "qwen2.5-0.5b_shape_gate_counts": qwen05b_gate_counts(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    for result in report["results"]:
+        print(f"\n{result['shape']} (batch {result['batch']} x {result['sequence_length']} tokens, {args.dtype}, "
+              f"{report['device']}, {report['threads']} threads)")
+        print(f"{'variant':<26}{'mode':<12}{'median ms':>10}{'IQR ms':>9}{'x base':>8}{'x LoRA':>8}")
+        for mode, rows in result["modes"].items():
+            for name, row in rows.items():
+                print(f"{name:<26}{mode:<12}{row['median_ms']:>10.2f}{row['iqr_ms']:>9.2f}"
+                      f"{row['ratio_to_base']:>8.3f}{row['ratio_to_lora']:>8.3f}")
+    print("\nQwen2.5-0.5B-shaped model (24 x 896):", json.dumps(report["qwen2.5-0.5b_shape_gate_counts"]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
