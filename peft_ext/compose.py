@@ -151,7 +151,7 @@ def compose_gates(
             layer.loggate_raw[adapter_name].requires_grad_(False)
             written = layer.log_gate(adapter_name).double().cpu()
             error = max(error, float((written - target[j] * union[j]).abs().max()))
-    tuner.mark_selected(adapter_name)
+    tuner.set_selected(adapter_name)
     plan["adapter_name"] = adapter_name
     plan["max_reconstruction_error"] = error
     return plan

@@ -126,7 +126,7 @@ def select_gates(
         with torch.no_grad():
             for (_, layer), saved in zip(layers, saved_masks):
                 layer.loggate_mask[adapter_name].copy_(saved)
-        tuner._selected_adapters.discard(adapter_name)
+        tuner.set_selected(adapter_name, False)
         raise
 
     with torch.no_grad():
@@ -135,7 +135,7 @@ def select_gates(
             if config.init == "random":
                 layer.loggate_raw[adapter_name].uniform_(-1.0, 1.0)
     config.num_gates = num_gates
-    tuner.mark_selected(adapter_name)
+    tuner.set_selected(adapter_name)
     report = {
         "adapter": adapter_name,
         "strategy": strategy,

@@ -110,6 +110,15 @@ def test_bf16_gates_are_computed_in_fp32(input_ids):
     assert not torch.equal(model(input_ids).logits, reference)
 
 
+def test_gates_stay_fp32_math_after_casting_the_model(input_ids):
+    model = get_peft_model(fresh(), GateConfig())
+    randomize(model, scale=0.1)
+    model.to(torch.bfloat16)
+    layer = gate_layers(model)[0]
+    assert layer.loggate_raw["default"].dtype == torch.bfloat16
+    assert layer.log_gate("default").dtype == torch.float32
+
+
 def test_perturbing_gates_changes_logits_and_disable_restores_them(input_ids):
     reference = fresh()(input_ids).logits
     model = get_peft_model(fresh(), GateConfig())
@@ -398,6 +407,9 @@ def test_composition_plan_and_result():
     assert plan["blocking"] == [] and len(plan["warnings"]) == 2
 
     result = compose_gates(model, ["default", "b"], [1.0, 1.0], budget=0.1, adapter_name="ab")
+    assert model.active_adapters == ["default"]  # composing neither activates the result nor freezes the active one
+    assert all(layer.loggate_raw["default"].requires_grad for layer in gate_layers(model))
+    assert not any(layer.loggate_raw["ab"].requires_grad for layer in gate_layers(model))
     composed = torch.stack([layer.log_gate("ab").detach() for layer in gate_layers(model)])
     assert torch.allclose(composed, (a + b).clamp(-0.1, 0.1), atol=1e-7, rtol=0)
     assert torch.equal(selected_mask_of(model, "ab"), (a != 0) | (b != 0))

@@ -13,7 +13,7 @@ from peft.utils import PeftType
 
 from peft_ext import GateConfig, load_adapter_model, select_gates
 from peft_ext.fit import fit
-from peft_ext.loading import UnknownAdapterTypeError
+from peft_ext.loading import AdapterMismatchError, UnknownAdapterTypeError
 from peft_ext.tuners.loggate import LogGateLayer
 
 
@@ -105,6 +105,12 @@ def test_loader_explains_an_unregistered_type(saved_models, tmp_path, monkeypatc
     monkeypatch.delitem(PEFT_TYPE_TO_CONFIG_MAPPING, PeftType.LOGGATE)
     with pytest.raises(UnknownAdapterTypeError, match="import peft_ext"):
         load_adapter_model(load_base(saved_models), str(tmp_path))
+
+
+def test_loader_refuses_an_adapter_of_another_architecture(saved_models, tmp_path):
+    get_peft_model(load_base(saved_models, "tiny-llama"), GateConfig()).save_pretrained(tmp_path)
+    with pytest.raises(AdapterMismatchError, match="missing from the file"):  # 4 saved blocks, 6 in Qwen2
+        load_adapter_model(load_base(saved_models, "tiny-qwen2"), str(tmp_path))
 
 
 def test_plain_peft_without_import_fails_with_a_bare_key_error(saved_models, tmp_path):

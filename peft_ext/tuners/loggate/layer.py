@@ -48,7 +48,7 @@ class LogGateLayer(BaseTunerLayer):
 
     def log_gate(self, adapter_name: str) -> torch.Tensor:
         """``s`` of one adapter (fp32, shape ``[hidden]``); unselected gates are exactly 0 and get no gradient."""
-        raw = self.loggate_raw[adapter_name]
+        raw = self.loggate_raw[adapter_name].to(ADAPTER_DTYPE)  # stays fp32 math even after model.to(bfloat16)
         return (torch.tanh(raw) * self.loggate_bound[adapter_name]).masked_fill(~self.loggate_mask[adapter_name], 0.0)
 
     def active_log_gate(self) -> Optional[torch.Tensor]:

@@ -80,8 +80,12 @@ class LogGateModel(BaseTuner):
         """``(module name, layer)`` of every gated block, in model order."""
         return [(name, module) for name, module in self.model.named_modules() if isinstance(module, LogGateLayer)]
 
-    def mark_selected(self, adapter_name: str) -> None:
-        self._selected_adapters.add(adapter_name)
+    def set_selected(self, adapter_name: str, selected: bool = True) -> None:
+        """Record whether ``adapter_name``'s sparse gates have been chosen (see :func:`peft_ext.select_gates`)."""
+        if selected:
+            self._selected_adapters.add(adapter_name)
+        else:
+            self._selected_adapters.discard(adapter_name)
 
     def _check_sparse_adapters_selected(self, *_: Any) -> None:
         if not (self.model.training and torch.is_grad_enabled()):
@@ -104,7 +108,7 @@ class LogGateModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._selected_adapters.discard(adapter_name)
+        self.set_selected(adapter_name, False)
 
     # -- merging is impossible --------------------------------------------------------------------------------------
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
