@@ -6,10 +6,17 @@ output and the result is cast back to the output's dtype once.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import os
 import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 ADAPTER_DTYPE = torch.float32
@@ -83,3 +90,48 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def svd(weight: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``W = U diag(S) Vh`` in fp32 (on ``weight``'s device), optionally cached on disk.
+
+    The cache file is keyed by a SHA-256 of the fp32 weight bytes and its shape, written to a temp file and renamed,
+    and read with safetensors only.
+    """
+    weight = weight.detach().to(ADAPTER_DTYPE)
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(weight.cpu().contiguous().numpy().tobytes())
+        digest.update(str(tuple(weight.shape)).encode())
+        path = Path(cache_dir) / f"svd-{digest.hexdigest()[:40]}.safetensors"
+        if path.is_file():
+            cached = load_file(path, device=str(weight.device))
+            return cached["U"], cached["S"], cached["Vh"]
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({"U": u.contiguous().cpu(), "S": s.cpu(), "Vh": vh.contiguous().cpu()}, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return u, s, vh
+
+
+def dequantized_weight(tuner_layer) -> torch.Tensor:
+    """The base layer's weight as a float tensor (dequantised for bitsandbytes layers), without modifying the layer.
+
+    bitsandbytes repacks a 4-bit weight for its CPU kernel on the first no-grad CPU forward; ``dequantize_4bit`` then
+    misreads the data (errors of ~0.1 on the tiny models). Here the canonical layout is restored on copies first.
+    """
+    weight = getattr(tuner_layer.get_base_layer(), "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+
+        data, restored = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
+        return dequantize_4bit(data, restored)
+    return BaseTunerLayer.get_base_weight(tuner_layer)

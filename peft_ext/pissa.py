@@ -1,0 +1,122 @@
+"""Calibration and deployment helpers of modulated PiSSA adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import to_device
+from .tuners.common import ADAPTER_DTYPE, module_device
+from .tuners.modulated import coefficient
+from .tuners.mpissa import MPissaLayer, MPissaModel
+
+
+def _pissa_tuner(model) -> MPissaModel:
+    tuner = model if isinstance(model, MPissaModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, MPissaModel):
+        raise TypeError(f"{type(model).__name__} has no modulated PiSSA adapters")
+    return tuner
+
+
+def _adapter(tuner: MPissaModel, adapter_name: Optional[str]) -> str:
+    name = adapter_name or (tuner.active_adapters[0] if len(tuner.active_adapters) == 1 else None)
+    if name is None or name not in tuner.peft_config:
+        raise ValueError(f"pass adapter_name= one of {sorted(tuner.peft_config)}")
+    return name
+
+
+@torch.no_grad()
+def _input_moments(tuner, layers: dict, decompositions: dict, batches, progress: bool, desc: str) -> dict:
+    """Per layer: (E[p], E[p²]) of the projections ``p = V x`` of the layer inputs on non-padding tokens."""
+    sums = {name: [0, 0.0, 0.0] for name in layers}
+    current = {}
+
+    def hook(name):
+        vh = decompositions[name][2]
+
+        def record(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(ADAPTER_DTYPE)
+            mask = current.get("attention_mask")
+            if mask is not None and mask.numel() == x.shape[0]:
+                x = x[mask.reshape(-1).bool()]
+            p = x @ vh.T
+            sums[name][0] += p.shape[0]
+            sums[name][1] = sums[name][1] + p.sum(0)
+            sums[name][2] = sums[name][2] + (p * p).sum(0)
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    device = module_device(tuner.model)
+    try:
+        for batch in tqdm(batches, disable=not progress, desc=desc):
+            batch = to_device(batch, device)
+            current["attention_mask"] = batch.get("attention_mask")
+            tuner.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(count == 0 for count, _, _ in sums.values()):
+        raise ValueError(f"calibration saw no tokens ({desc}); pass non-empty batches")
+    return {name: (total / count, squares / count) for name, (count, total, squares) in sums.items()}
+
+
+def calibrate(
+    model,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    rejected_batches: Optional[Iterable[Mapping[str, torch.Tensor]]] = None,
+    adapter_name: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """Choose the directions of a PiSSA adapter from streaming input moments and return a spectrum summary.
+
+    For every target: SVD of the base weight (cached when ``svd_cache_dir`` is set), then the mean and second moment
+    of ``V x`` over the non-padding tokens of ``batches`` (and of ``rejected_batches`` for ``cho_rej_min_std``),
+    accumulated batch by batch; no activations are stored. The forward passes run with every adapter at ``c = 0``.
+    The summary gives, per target and on average, the mean rank of the chosen directions (0 = largest σ), the largest
+    rank, and ``tail_fraction``: the share of chosen directions outside the top ``r`` of the spectrum.
+    """
+    tuner = _pissa_tuner(model)
+    name = _adapter(tuner, adapter_name)
+    layers = {key: m for key, m in tuner.model.named_modules() if isinstance(m, MPissaLayer) and name in m.mpissa_pending}
+    if not layers:
+        raise ValueError(f"adapter {name!r} has no directions left to choose (already calibrated, used or loaded)")
+    selection = tuner.peft_config[name].selection
+    if selection == "cho_rej_min_std" and rejected_batches is None:
+        raise ValueError("selection='cho_rej_min_std' needs rejected_batches")
+    decompositions = {key: layer.full_svd(name) for key, layer in layers.items()}
+    stats = {key: {} for key in layers}
+    was_training = tuner.model.training
+    tuner.model.eval()
+    try:
+        with coefficient(model, 0.0):
+            sets = [("chosen", batches)] + ([("rejected", rejected_batches)] if rejected_batches is not None else [])
+            for label, data in sets:
+                for key, moments in _input_moments(tuner, layers, decompositions, data, progress, label).items():
+                    stats[key][label] = moments
+    finally:
+        tuner.model.train(was_training)
+    targets = {key: layer.choose_directions(name, stats[key], decompositions[key]) for key, layer in layers.items()}
+    return {
+        "adapter": name,
+        "selection": selection,
+        "targets": targets,
+        "mean_rank": sum(t["mean_rank"] for t in targets.values()) / len(targets),
+        "tail_fraction": sum(t["tail_fraction"] for t in targets.values()) / len(targets),
+    }
+
+
+def drop_quarantine(model, adapter_name: Optional[str] = None) -> int:
+    """Remove the quarantine knob ``Δs_hack`` of ``adapter_name`` for deployment; returns how many layers had one."""
+    tuner = _pissa_tuner(model)
+    name = _adapter(tuner, adapter_name)
+    dropped = 0
+    for layer in tuner.modulated_layers():
+        if name in layer.mpissa_delta_s_hack:
+            del layer.mpissa_delta_s_hack[name]
+            dropped += 1
+    tuner.peft_config[name].quarantine = False
+    return dropped

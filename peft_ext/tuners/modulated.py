@@ -1,0 +1,255 @@
+"""Shared machinery of the low-rank families with a runtime coefficient ``c`` (modulated LoRA, modulated PiSSA).
+
+Every such layer computes ``y' = y + Σ_active c_a · delta_a(x)`` on top of the base layer's output ``y``: the delta in
+fp32, added once in ``y``'s dtype. Adapters at ``c = 0`` are skipped (no adapter compute; ``c = 0`` everywhere returns
+``y`` itself). A family implements ``delta(adapter, x)`` and ``delta_weight(adapter)`` (the dense ``d_out x d_in`` matrix
+with ``delta(x) = x @ delta_weightᵀ``); merging, coefficients and targeting live here once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
+from peft.utils.quantization_utils import resolve_quantization_backend
+from torch import nn
+
+from .common import ADAPTER_DTYPE, dequantized_weight, find_decoder_blocks
+
+
+@dataclass
+class ModulatedConfig(PeftConfig):
+    """Fields shared by the modulated families (targets, depth band, default coefficient)."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={
+            "help": "Linear modules to adapt: names (exact or suffix), a regex, or 'all-linear' (every linear layer "
+            "except the output layer)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules not to adapt (names, suffixes or a regex)."}
+    )
+    layer_range: Optional[tuple[float, float]] = field(
+        default=None,
+        metadata={
+            "help": "Fractional depth band (lo, hi) over the decoder blocks: block i of N is adapted when "
+            "lo*N <= i < hi*N. Modules outside the block stack are unaffected. None: all blocks."
+        },
+    )
+    coefficient: float = field(
+        default=1.0,
+        metadata={"help": "Default runtime coefficient c (y + c*delta). Not saved as a tensor; set it at run time "
+                  "with peft_ext.set_coefficient or the peft_ext.coefficient context manager."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save in full (PEFT semantics)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layer_range is not None:
+            lo, hi = self.layer_range
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"layer_range={self.layer_range}: need 0 <= lo < hi <= 1")
+            self.layer_range = (float(lo), float(hi))
+        if not math.isfinite(self.coefficient):
+            raise ValueError(f"coefficient={self.coefficient}: must be finite")
+
+
+class ModulatedLayer(BaseTunerLayer):
+    """Mixin: coefficients, the forward skeleton and merging for a wrapped linear layer."""
+
+    # subclasses name their coefficient dict in other_param_names, e.g. "mlora_coefficient"
+    coefficient_attr: str
+
+    def _init_modulated(self, base_layer: nn.Module) -> None:
+        if not isinstance(base_layer, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
+            raise TypeError(f"{type(base_layer).__name__} is not a linear layer; target linear modules only")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._merged_deltas: dict[str, torch.Tensor] = {}
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight as a float tensor (dequantised for bitsandbytes layers; see ``dequantized_weight``)."""
+        return dequantized_weight(self)
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return getattr(self, self.coefficient_attr)
+
+    def set_coefficient(self, adapter_name: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise ValueError(f"coefficient must be finite, got {value}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged at c={self.coefficients[adapter_name]}; unmerge first")
+        self.coefficients[adapter_name] = float(value)
+
+    def _init_adapter_containers(self) -> None:
+        """Create the family's per-adapter containers (ParameterDicts, BufferDicts, dicts)."""
+        raise NotImplementedError
+
+    def delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``delta_a(x)`` in fp32 for an fp32 input, without the coefficient."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense fp32 ``d_out x d_in`` matrix of ``delta_a`` (without the coefficient)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return y
+        total = None
+        for name in self.active_adapters:
+            c = self.coefficients.get(name, 0.0)
+            if c == 0.0:
+                continue
+            contribution = self.delta(name, x.to(ADAPTER_DTYPE)) * c
+            total = contribution if total is None else total + contribution
+        if total is None:
+            return y
+        if self.quantization_backend is not None:
+            y = self.quantization_backend.maybe_clone_base_result(y)
+        return y + total.to(y.dtype)
+
+    # -- merging at the current coefficient ---------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.coefficients:
+                continue
+            delta = self.delta_weight(name) * self.coefficients[name]
+            weight = self.get_base_weight()
+            merged = weight.to(ADAPTER_DTYPE) + delta.to(weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} produces non-finite weights; nothing was merged")
+            self.set_base_weight(merged.to(weight.dtype))
+            self._merged_deltas[name] = delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self._merged_deltas.pop(name)
+            weight = self.get_base_weight()
+            self.set_base_weight((weight.to(ADAPTER_DTYPE) - delta.to(weight.device)).to(weight.dtype))
+
+
+class ModulatedLinear(nn.Module):
+    """The ``nn.Module`` half of a family's linear wrapper: ``class XLinear(ModulatedLinear, XLayer)``.
+
+    Wraps ``nn.Linear`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` alike (the adapter acts on the output).
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+        super().__init__()
+        self._init_modulated(base_layer)
+        self._init_adapter_containers()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    forward = ModulatedLayer.forward
+
+    def __repr__(self) -> str:
+        return self.adapter_layer_names[0].split("_")[0] + "." + super().__repr__()
+
+
+class ModulatedTuner(BaseTuner):
+    """Shared tuner logic: PEFT target matching plus the fractional depth band ``layer_range``."""
+
+    layer_cls: type  # the family's concrete layer class (wraps nn.Linear and bnb linears)
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        self._band = None
+        if config.layer_range is not None:
+            path, blocks = find_decoder_blocks(model)
+            lo, hi = config.layer_range
+            indices = [i for i in range(len(blocks)) if lo * len(blocks) <= i < hi * len(blocks)]
+            if not indices:
+                raise ValueError(
+                    f"layer_range={tuple(config.layer_range)} selects no block of the {len(blocks)} in {path}"
+                )
+            self._band = (re.compile(rf"^{re.escape(path)}\.(\d+)\."), set(indices))
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        finally:
+            self._band = None
+
+    def _check_target_module_exists(self, peft_config, key: str):
+        matched = check_target_module_exists(peft_config, key)
+        if matched and self._band is not None:
+            pattern, indices = self._band
+            block = pattern.match(key)
+            if block is not None and int(block.group(1)) not in indices:
+                return False  # inside the block stack but outside the band; modules outside the stack are kept
+        return matched
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, self.layer_cls):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = self.layer_cls(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def modulated_layers(self) -> list[ModulatedLayer]:
+        return [module for module in self.model.modules() if isinstance(module, ModulatedLayer)]
+
+
+def _modulated_tuner(model: nn.Module) -> ModulatedTuner:
+    tuner = model if isinstance(model, ModulatedTuner) else getattr(model, "base_model", None)
+    if not isinstance(tuner, ModulatedTuner):
+        raise TypeError(f"{type(model).__name__} has no modulated LoRA/PiSSA adapters")
+    return tuner
+
+
+def get_coefficient(model: nn.Module, adapter_name: Optional[str] = None) -> float:
+    tuner = _modulated_tuner(model)
+    name = adapter_name or tuner.active_adapters[0]
+    for layer in tuner.modulated_layers():
+        if name in layer.coefficients:
+            return layer.coefficients[name]
+    raise ValueError(f"no adapter named {name!r}")
+
+
+def set_coefficient(model: nn.Module, c: float, adapter_name: Optional[str] = None) -> None:
+    """Set the runtime coefficient ``c`` of ``adapter_name`` (default: every active adapter). Not saved."""
+    tuner = _modulated_tuner(model)
+    names = [adapter_name] if adapter_name is not None else list(tuner.active_adapters)
+    unknown = [n for n in names if n not in tuner.peft_config]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; the model has {sorted(tuner.peft_config)}")
+    for layer in tuner.modulated_layers():
+        for name in names:
+            if name in layer.coefficients:
+                layer.set_coefficient(name, c)
+
+
+@contextmanager
+def coefficient(model: nn.Module, c: float, adapter_name: Optional[str] = None):
+    """``with coefficient(model, c):`` runs with ``c`` and restores every previous value on exit (also on errors)."""
+    tuner = _modulated_tuner(model)
+    saved = [(layer, dict(layer.coefficients)) for layer in tuner.modulated_layers()]
+    set_coefficient(model, c, adapter_name)
+    try:
+        yield
+    finally:
+        for layer, values in saved:
+            layer.coefficients.update(values)
