@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import peft_ext
-from peft_ext import GateConfig, select_gates
+from peft_ext import GateConfig, ModulatedLoraConfig, ModulatedPissaConfig, select_gates
 from peft_ext.tiny import config_path
 
 SHAPES = {
@@ -60,6 +60,8 @@ def variants(shape: str, device: str, dtype: torch.dtype) -> dict:
         "gates dense": get_peft_model(fresh(), GateConfig()),
         "gates 5%": sparse,
         "peft lora r8 all-linear": get_peft_model(fresh(), LoraConfig(r=8, target_modules="all-linear")),
+        "mlora r8 all-linear": get_peft_model(fresh(), ModulatedLoraConfig(r=8)),
+        "mpissa r8 all-linear": get_peft_model(fresh(), ModulatedPissaConfig(r=8)),  # SVD runs in the warm-up
     }
 
 
@@ -111,16 +113,24 @@ def measure(shape: str, device: str, dtype: torch.dtype, repeats: int) -> dict:
     return result
 
 
-def qwen05b_gate_counts() -> dict:
-    """Gate parameters on a Qwen2.5-0.5B-shaped model (24 blocks x 896), built on the meta device."""
+def qwen05b_parameter_counts() -> dict:
+    """Trainable parameters of each family on a Qwen2.5-0.5B-shaped model (24 blocks x 896), on the meta device."""
     config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)
+    adapters = {
+        "gates dense": GateConfig(),
+        "gates num_gates=5000": GateConfig(num_gates=5000),
+        "peft lora r8 all-linear": LoraConfig(r=8, target_modules="all-linear"),
+        "mlora r8 all-linear": ModulatedLoraConfig(r=8),
+        "mpissa r16 all-linear": ModulatedPissaConfig(r=16),
+        "mpissa r16 all-linear + quarantine": ModulatedPissaConfig(r=16, quarantine=True),
+    }
     counts = {}
-    for label, num_gates in (("dense", None), ("num_gates=5000", 5000)):
+    for label, adapter in adapters.items():
         with init_empty_weights():
-            model = get_peft_model(AutoModelForCausalLM.from_config(config), GateConfig(num_gates=num_gates))
-        stored = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        counts[label] = {"stored_gate_parameters": stored, "free_gates": num_gates or stored}
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), adapter)
+        counts[label] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["gates num_gates=5000: free gates"] = 5000
     return counts
 
 
@@ -144,7 +154,7 @@ def main() -> None:
         "seed": 0,
         "repeats": repeats,
         "results": [measure(shape, args.device, dtype, repeats) for shape in SHAPES],
-        "qwen2.5-0.5b_shape_gate_counts": qwen05b_gate_counts(),
+        "qwen2.5-0.5b_shape_trainable_parameters": qwen05b_parameter_counts(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -156,7 +166,9 @@ def main() -> None:
             for name, row in rows.items():
                 print(f"{name:<26}{mode:<12}{row['median_ms']:>10.2f}{row['iqr_ms']:>9.2f}"
                       f"{row['ratio_to_base']:>8.3f}{row['ratio_to_lora']:>8.3f}")
-    print("\nQwen2.5-0.5B-shaped model (24 x 896):", json.dumps(report["qwen2.5-0.5b_shape_gate_counts"]))
+    print("\nTrainable parameters, Qwen2.5-0.5B-shaped model (24 x 896):")
+    for label, count in report["qwen2.5-0.5b_shape_trainable_parameters"].items():
+        print(f"  {label:<40}{count:>12,}")
     print(f"wrote {args.out}")
 
 

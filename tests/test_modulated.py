@@ -377,6 +377,21 @@ def test_merge_on_a_4bit_base_adds_the_delta_after_bnb_cpu_repacking(saved_model
     assert naive_error > 10 * float((merged_weight - target).abs().mean()), naive_error
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_on_an_8bit_base_requantizes(family, saved_models, input_ids):
+    base_logits = logits(load_base(saved_models, quantization="8bit"), input_ids)
+    model = get_peft_model(load_base(saved_models, quantization="8bit"), make_config(family))
+    perturb(model, scale=0.05)
+    set_coefficient(model, 0.5)
+    expected = logits(model, input_ids)
+    plain = model.merge_and_unload()
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in plain.modules()) and not layers(plain)
+    merge_error = float((logits(plain, input_ids) - expected).abs().max())
+    assert merge_error < 0.25 * float((expected - base_logits).abs().max()), merge_error
+
+
 def test_layer_range_targets_the_middle_half():
     model = get_peft_model(fresh(), ModulatedLoraConfig(r=2, layer_range=(0.25, 0.75)))
     blocks = {name.split(".")[4] for name, m in model.named_modules() if isinstance(m, ModulatedLayer)}
