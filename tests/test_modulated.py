@@ -229,7 +229,7 @@ def test_selection_modes_choose_the_directions_their_scores_say(tmp_path):
     assert report["targets"]["lin"]["mean_rank"] == 9.0 and report["tail_fraction"] == 1.0
 
 
-def test_activation_selection_without_calibration_raises(input_ids, batches):
+def test_activation_selection_without_calibration_raises(input_ids, batches, tmp_path):
     model = get_peft_model(fresh(), ModulatedPissaConfig(r=4, selection="wanda"))
     with pytest.raises(RuntimeError, match="calibrate"):
         model(input_ids)
@@ -239,6 +239,11 @@ def test_activation_selection_without_calibration_raises(input_ids, batches):
     with pytest.raises(ValueError, match="no directions left"):
         calibrate(model, batches, progress=False)
     assert torch.equal(logits(model, input_ids), logits(fresh(), input_ids))
+    perturb(model)
+    expected = logits(model, input_ids)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(fresh(), tmp_path)  # calibrated directions come with the file
+    assert torch.equal(logits(reloaded, input_ids), expected)
 
 
 def test_pissa_reload_and_cache_need_no_second_svd(tmp_path, input_ids, monkeypatch):
@@ -253,9 +258,14 @@ def test_pissa_reload_and_cache_need_no_second_svd(tmp_path, input_ids, monkeypa
     def no_svd(*args, **kwargs):
         raise AssertionError("SVD ran")
 
+    import peft_ext.tuners.mpissa.layer as mpissa_layer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mpissa_layer, "svd", no_svd)  # neither computed nor read from the cache
+        reloaded = PeftModel.from_pretrained(fresh(), tmp_path / "adapter")
+        assert not any(layer.mpissa_pending for layer in layers(reloaded))
+        assert torch.equal(logits(reloaded, input_ids), expected)
     monkeypatch.setattr(torch.linalg, "svd", no_svd)
-    reloaded = PeftModel.from_pretrained(fresh(), tmp_path / "adapter")
-    assert torch.equal(logits(reloaded, input_ids), expected)
     cached = get_peft_model(fresh(), config)  # cache hit: same directions, no SVD
     cached(input_ids)
     for a, b in zip(layers(model), layers(cached)):

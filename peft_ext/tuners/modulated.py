@@ -99,6 +99,9 @@ class ModulatedLayer(BaseTunerLayer):
         """Create the family's per-adapter containers (ParameterDicts, BufferDicts, dicts)."""
         raise NotImplementedError
 
+    def _loaded_from_state_dict(self, state_dict, prefix: str) -> None:
+        """Called after a state dict was loaded into this layer (keys start with ``prefix``)."""
+
     def delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``delta_a(x)`` in fp32 for an fp32 input, without the coefficient."""
         raise NotImplementedError
@@ -160,6 +163,11 @@ class ModulatedLinear(nn.Module):
         self.update_layer(adapter_name, config)
 
     forward = ModulatedLayer.forward
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # defined here because nn.Module precedes the family mixin in the MRO and would shadow it there
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._loaded_from_state_dict(state_dict, prefix)
 
     def __repr__(self) -> str:
         return self.adapter_layer_names[0].split("_")[0] + "." + super().__repr__()

@@ -110,8 +110,7 @@ class MPissaLayer(ModulatedLayer):
         with torch.no_grad():
             return (self.mpissa_u[adapter_name] * self.delta_s(adapter_name)) @ self.mpissa_vt[adapter_name]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _loaded_from_state_dict(self, state_dict, prefix: str) -> None:
         for name in list(self.mpissa_pending):
             if f"{prefix}mpissa_vt.{name}" in state_dict:
                 del self.mpissa_pending[name]  # directions came with the file: no SVD
