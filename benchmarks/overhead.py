@@ -15,7 +15,6 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import bitsandbytes
 import peft
@@ -26,6 +25,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import peft_ext
+from peft_ext.io import write_json
 from peft_ext import GateConfig, ModulatedLoraConfig, ModulatedPissaConfig, select_gates
 from peft_ext.tiny import config_path
 
@@ -156,8 +156,7 @@ def main() -> None:
         "results": [measure(shape, args.device, dtype, repeats) for shape in SHAPES],
         "qwen2.5-0.5b_shape_trainable_parameters": qwen05b_parameter_counts(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_json(args.out, report)
     for result in report["results"]:
         print(f"\n{result['shape']} (batch {result['batch']} x {result['sequence_length']} tokens, {args.dtype}, "
               f"{report['device']}, {report['threads']} threads)")

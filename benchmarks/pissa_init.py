@@ -8,16 +8,15 @@ Times ``get_peft_model`` plus the first forward (where the deferred SVD runs), m
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from torch import nn
 
+from peft_ext.io import write_json
 from peft_ext import ModulatedPissaConfig
 
 
@@ -53,8 +52,7 @@ def main() -> None:
     report = {"weight_shape": [896, 4864], "threads": torch.get_num_threads(), "torch": torch.__version__,
               "svd_seconds": no_cache, "cache_write_seconds": first, "cache_hit_seconds": hits,
               "median_svd_seconds": statistics.median(no_cache), "median_cache_hit_seconds": statistics.median(hits)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_json(args.out, report)
     print(f"896x4864 PiSSA init, r=16, {report['threads']} threads: full SVD {report['median_svd_seconds']:.3f} s, "
           f"cache hit {report['median_cache_hit_seconds']:.3f} s (first write {first:.3f} s); wrote {args.out}")
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_report, run_demo
+    from .io import write_json
 
     report = run_demo(out_dir=args.out_dir, num_gates=args.gates, steps=args.steps, seed=args.seed)
     print(format_report(report))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return 0 if report["reload_exact"] else 1
 
 

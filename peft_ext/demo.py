@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from .data import Example, cycle, evaluate, make_batches
 from .fit import fit
+from .io import write_json
 from .selection import select_gates
 from .tiny import build_model, char_tokenizer
 from .tuners.loggate import GateConfig
@@ -91,7 +91,7 @@ def run_demo(out_dir: str | Path | None = None, num_gates: int = 64, steps: int 
     controller_4bit = PeftModel.from_pretrained(base_4bit, report["adapter_dir"])
     report["rows"].append({"model": f"{num_gates} gradient gates, 4-bit base", **evaluate(controller_4bit, held)})
     report["total_seconds"] = round(time.perf_counter() - start, 2)
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "demo_report.json", report)
     return report
 
 

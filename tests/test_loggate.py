@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, fresh, load_base
+from conftest import ARCHITECTURES, fresh
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
 from torch import nn

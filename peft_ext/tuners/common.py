@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..io import atomic_write
 
 ADAPTER_DTYPE = torch.float32
 
@@ -95,8 +95,8 @@ def module_device(module: nn.Module) -> torch.device:
 def svd(weight: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``W = U diag(S) Vh`` in fp32 (on ``weight``'s device), optionally cached on disk.
 
-    The cache file is keyed by a SHA-256 of the fp32 weight bytes and its shape, written to a temp file and renamed,
-    and read with safetensors only.
+    The cache file is keyed by a SHA-256 of the fp32 weight bytes and its shape, written atomically and read with
+    safetensors only.
     """
     weight = weight.detach().to(ADAPTER_DTYPE)
     path = None
@@ -109,15 +109,8 @@ def svd(weight: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tenso
             return cached["U"], cached["S"], cached["Vh"]
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"U": u.contiguous().cpu(), "S": s.cpu(), "Vh": vh.contiguous().cpu()}, temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        tensors = {"U": u.contiguous().cpu(), "S": s.cpu(), "Vh": vh.contiguous().cpu()}
+        atomic_write(path, lambda temporary: save_file(tensors, temporary))
     return u, s, vh
 
 
