@@ -114,15 +114,11 @@ class ModulatedLayer(BaseTunerLayer):
         y = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return y
-        total = None
-        for name in self.active_adapters:
-            c = self.coefficients.get(name, 0.0)
-            if c == 0.0:
-                continue
-            contribution = self.delta(name, x.to(ADAPTER_DTYPE)) * c
-            total = contribution if total is None else total + contribution
-        if total is None:
+        scaled = [(name, c) for name in self.active_adapters if (c := self.coefficients.get(name, 0.0)) != 0.0]
+        if not scaled:
             return y
+        x = x.to(ADAPTER_DTYPE)
+        total = sum(self.delta(name, x) * c for name, c in scaled)
         if self.quantization_backend is not None:
             y = self.quantization_backend.maybe_clone_base_result(y)
         return y + total.to(y.dtype)
