@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .tuners.loggate import as_gate_tuner
+from .tuners.common import tuner_of
+from .tuners.loggate import LogGateModel
 
 # fraction of the union of gates that may be clipped before the plan counts it as a blocking problem
 MAX_CLIPPED_FRACTION = 0.5
@@ -40,7 +41,7 @@ def plan_composition(model, adapters: Sequence[str], weights: Sequence[float], b
     ``budget`` defaults to the largest ``max_log_gate`` of the inputs. The plan lists ``blocking`` problems
     (non-finite gates, more than half of the union clipped) and ``warnings`` (any clipping, sign conflicts).
     """
-    tuner = as_gate_tuner(model)
+    tuner = tuner_of(model, LogGateModel, "log-gate")
     adapters, weights = list(adapters), [float(w) for w in weights]
     missing = [a for a in adapters if a not in tuner.peft_config]
     if missing:
@@ -116,7 +117,7 @@ def compose_gates(
     (``model.set_adapter(adapter_name)``). Refuses when the plan has blocking problems unless ``force=True``. The plan
     gains ``max_reconstruction_error``: the largest ``|s_written - s_target|`` after the fp32 round trip through tanh.
     """
-    tuner = as_gate_tuner(model)
+    tuner = tuner_of(model, LogGateModel, "log-gate")
     if adapter_name in tuner.peft_config:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")
     plan = plan_composition(model, adapters, weights, budget)

@@ -9,23 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import to_device
-from .tuners.common import ADAPTER_DTYPE, module_device
+from .tuners.common import ADAPTER_DTYPE, module_device, resolve_adapter, tuner_of
 from .tuners.modulated import coefficient
 from .tuners.mpissa import MPissaLayer, MPissaModel
-
-
-def _pissa_tuner(model) -> MPissaModel:
-    tuner = model if isinstance(model, MPissaModel) else getattr(model, "base_model", None)
-    if not isinstance(tuner, MPissaModel):
-        raise TypeError(f"{type(model).__name__} has no modulated PiSSA adapters")
-    return tuner
-
-
-def _adapter(tuner: MPissaModel, adapter_name: Optional[str]) -> str:
-    name = adapter_name or (tuner.active_adapters[0] if len(tuner.active_adapters) == 1 else None)
-    if name is None or name not in tuner.peft_config:
-        raise ValueError(f"pass adapter_name= one of {sorted(tuner.peft_config)}")
-    return name
 
 
 @torch.no_grad()
@@ -79,8 +65,8 @@ def calibrate(
     The summary gives, per target and on average, the mean rank of the chosen directions (0 = largest σ), the largest
     rank, and ``tail_fraction``: the share of chosen directions outside the top ``r`` of the spectrum.
     """
-    tuner = _pissa_tuner(model)
-    name = _adapter(tuner, adapter_name)
+    tuner = tuner_of(model, MPissaModel, "modulated PiSSA")
+    name = resolve_adapter(tuner, adapter_name)
     layers = {key: m for key, m in tuner.model.named_modules() if isinstance(m, MPissaLayer) and name in m.mpissa_pending}
     if not layers:
         raise ValueError(f"adapter {name!r} has no directions left to choose (already calibrated, used or loaded)")
@@ -111,8 +97,8 @@ def calibrate(
 
 def drop_quarantine(model, adapter_name: Optional[str] = None) -> int:
     """Remove the quarantine knob ``Δs_hack`` of ``adapter_name`` for deployment; returns how many layers had one."""
-    tuner = _pissa_tuner(model)
-    name = _adapter(tuner, adapter_name)
+    tuner = tuner_of(model, MPissaModel, "modulated PiSSA")
+    name = resolve_adapter(tuner, adapter_name)
     dropped = 0
     for layer in tuner.modulated_layers():
         if name in layer.mpissa_delta_s_hack:

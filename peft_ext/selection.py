@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import to_device
-from .tuners.common import module_device
-from .tuners.loggate import as_gate_tuner, resolve_adapter
+from .tuners.common import module_device, resolve_adapter, tuner_of
+from .tuners.loggate import LogGateModel
 from .tuners.loggate.config import SELECTION_STRATEGIES
 
 
@@ -83,7 +83,7 @@ def select_gates(
     adapter's ``num_gates`` is updated so the saved config says what was selected. The adapter must still be at
     ``s = 0`` (selection scores the identity point); its ``raw`` values are re-initialised per ``config.init``.
     """
-    tuner = as_gate_tuner(model)
+    tuner = tuner_of(model, LogGateModel, "log-gate")
     adapter_name = resolve_adapter(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
     num_gates = config.num_gates if num_gates is None else num_gates

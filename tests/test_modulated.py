@@ -430,3 +430,22 @@ def test_bad_configs_are_refused(config):
 def test_pissa_rank_larger_than_the_layer_is_an_error():
     with pytest.raises(ValueError, match="exceeds"):
         get_peft_model(fresh(), ModulatedPissaConfig(r=65))
+
+
+def test_entry_points_refuse_the_wrong_model_and_ambiguous_adapters(batches):
+    from peft_ext import GateConfig, select_gates
+
+    gates = get_peft_model(fresh(), GateConfig())
+    for call in (lambda: set_coefficient(gates, 1.0), lambda: calibrate(gates, batches, progress=False)):
+        with pytest.raises(TypeError, match="no modulated"):
+            call()
+    lora = get_peft_model(fresh(), make_config("mlora"))
+    with pytest.raises(TypeError, match="no log-gate adapters"):
+        select_gates(lora, batches, num_gates=4, progress=False)
+    lora.add_adapter("other", make_config("mlora", coefficient=-1.0))
+    lora.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="2 adapters are active"):
+        get_coefficient(lora)
+    assert get_coefficient(lora, "other") == -1.0
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        get_coefficient(lora, "nope")

@@ -83,6 +83,26 @@ def validate_layers_spec(layers: str | Sequence[int]) -> None:
         raise ValueError(f"layers={layers!r}: block indices must be integers")
 
 
+def tuner_of(model: nn.Module, tuner_cls: type, family: str):
+    """The ``tuner_cls`` tuner of a ``PeftModel`` (or the tuner itself); a clear error for any other model."""
+    tuner = model if isinstance(model, tuner_cls) else getattr(model, "base_model", None)
+    if not isinstance(tuner, tuner_cls):
+        raise TypeError(f"{type(model).__name__} has no {family} adapters (get_peft_model(model, <its config>) first)")
+    return tuner
+
+
+def resolve_adapter(tuner, adapter_name: str | None) -> str:
+    """``adapter_name`` if given (it must exist), else the single active adapter."""
+    if adapter_name is None:
+        if len(tuner.active_adapters) != 1:
+            raise ValueError(f"{len(tuner.active_adapters)} adapters are active ({tuner.active_adapters}); "
+                             "pass adapter_name=...")
+        adapter_name = tuner.active_adapters[0]
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}")
+    return adapter_name
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Device of the first parameter (or buffer) of ``module``; CPU for a module without tensors."""
     for tensor in module.parameters():

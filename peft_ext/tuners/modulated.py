@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from .common import ADAPTER_DTYPE, dequantized_weight, find_decoder_blocks
+from .common import ADAPTER_DTYPE, dequantized_weight, find_decoder_blocks, resolve_adapter, tuner_of
 
 
 @dataclass
@@ -217,25 +217,19 @@ class ModulatedTuner(BaseTuner):
         return [module for module in self.model.modules() if isinstance(module, ModulatedLayer)]
 
 
-def _modulated_tuner(model: nn.Module) -> ModulatedTuner:
-    tuner = model if isinstance(model, ModulatedTuner) else getattr(model, "base_model", None)
-    if not isinstance(tuner, ModulatedTuner):
-        raise TypeError(f"{type(model).__name__} has no modulated LoRA/PiSSA adapters")
-    return tuner
-
-
 def get_coefficient(model: nn.Module, adapter_name: Optional[str] = None) -> float:
-    tuner = _modulated_tuner(model)
-    name = adapter_name or tuner.active_adapters[0]
+    """The runtime coefficient of ``adapter_name`` (default: the single active adapter)."""
+    tuner = tuner_of(model, ModulatedTuner, "modulated LoRA/PiSSA")
+    name = resolve_adapter(tuner, adapter_name)
     for layer in tuner.modulated_layers():
         if name in layer.coefficients:
             return layer.coefficients[name]
-    raise ValueError(f"no adapter named {name!r}")
+    raise ValueError(f"adapter {name!r} is not a modulated LoRA/PiSSA adapter of this model")
 
 
 def set_coefficient(model: nn.Module, c: float, adapter_name: Optional[str] = None) -> None:
     """Set the runtime coefficient ``c`` of ``adapter_name`` (default: every active adapter). Not saved."""
-    tuner = _modulated_tuner(model)
+    tuner = tuner_of(model, ModulatedTuner, "modulated LoRA/PiSSA")
     names = [adapter_name] if adapter_name is not None else list(tuner.active_adapters)
     unknown = [n for n in names if n not in tuner.peft_config]
     if unknown:
@@ -249,7 +243,7 @@ def set_coefficient(model: nn.Module, c: float, adapter_name: Optional[str] = No
 @contextmanager
 def coefficient(model: nn.Module, c: float, adapter_name: Optional[str] = None):
     """``with coefficient(model, c):`` runs with ``c`` and restores every previous value on exit (also on errors)."""
-    tuner = _modulated_tuner(model)
+    tuner = tuner_of(model, ModulatedTuner, "modulated LoRA/PiSSA")
     saved = [(layer, dict(layer.coefficients)) for layer in tuner.modulated_layers()]
     set_coefficient(model, c, adapter_name)
     try:

@@ -1,5 +1,5 @@
 from .config import GateConfig
 from .layer import LogGateBlock, LogGateLayer
-from .model import LogGateModel, as_gate_tuner, resolve_adapter
+from .model import LogGateModel
 
-__all__ = ["GateConfig", "LogGateBlock", "LogGateLayer", "LogGateModel", "as_gate_tuner", "resolve_adapter"]
+__all__ = ["GateConfig", "LogGateBlock", "LogGateLayer", "LogGateModel"]

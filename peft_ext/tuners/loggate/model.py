@@ -120,24 +120,3 @@ class LogGateModel(BaseTuner):
         self._selection_hook.remove()
         return super()._unload_and_optionally_merge(merge=False, **kwargs)
 
-
-def as_gate_tuner(model: nn.Module) -> LogGateModel:
-    """The :class:`LogGateModel` of a ``PeftModel`` (or the tuner itself); a clear error for anything else."""
-    tuner = getattr(model, "base_model", model) if not isinstance(model, LogGateModel) else model
-    if not isinstance(tuner, LogGateModel):
-        raise TypeError(
-            f"expected a model with log-gate adapters (get_peft_model(model, GateConfig(...))), got {type(model).__name__}"
-            f" wrapping {type(tuner).__name__}"
-        )
-    return tuner
-
-
-def resolve_adapter(tuner: LogGateModel, adapter_name: Optional[str]) -> str:
-    """``adapter_name`` if given (must exist), else the single active adapter."""
-    if adapter_name is None:
-        if len(tuner.active_adapters) != 1:
-            raise ValueError(f"several adapters are active ({tuner.active_adapters}); pass adapter_name=...")
-        adapter_name = tuner.active_adapters[0]
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"no adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}")
-    return adapter_name
