@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import fresh, load_base
+from conftest import OneLinear, fresh, load_base
 from peft import PeftModel, get_peft_model
-from torch import nn
 
 from peft_ext import (
     ModulatedLoraConfig,
@@ -42,19 +41,6 @@ def perturb(model, adapter="default", scale=0.1, seed=1):
 @torch.no_grad()
 def logits(model, ids):
     return model(ids).logits
-
-
-class OneLinear(nn.Module):
-    """A single linear layer that takes ``input_ids`` as float features (so calibrate can drive it)."""
-
-    def __init__(self, d_in=16, d_out=12, weight=None):
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-        if weight is not None:
-            self.lin.weight.data.copy_(weight)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.lin(input_ids)
 
 
 # -- identity ---------------------------------------------------------------------------------------------------------
@@ -360,6 +346,21 @@ def test_merge_at_current_coefficient(family, input_ids):
     assert torch.allclose(logits(plain, input_ids), expected, atol=1e-5)
 
 
+def repack_like_bnb_cpu(model):
+    """Repack every 4-bit weight as bitsandbytes' ``Linear4bit.forward`` does on its first no-grad CPU forward.
+
+    bitsandbytes only does it on CPUs with AVX512-BF16; doing it here by hand (with bitsandbytes' own function) makes
+    the tests of what follows independent of the machine. Only merges and dequantisation run afterwards, no forward.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, bnb.nn.Linear4bit) and not getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
 def test_merge_on_a_4bit_base_adds_the_delta_after_bnb_cpu_repacking(saved_models, input_ids):
     """bnb repacks 4-bit weights for its CPU kernel on the first no-grad forward, after which a plain dequantisation
     misreads them; the merge must still requantise dequant(W) + c·delta, up to nf4 rounding."""
@@ -371,7 +372,8 @@ def test_merge_on_a_4bit_base_adds_the_delta_after_bnb_cpu_repacking(saved_model
     model = get_peft_model(load_base(saved_models, quantization="nf4"), ModulatedLoraConfig(r=4, alpha=8))
     perturb(model, scale=0.05)
     set_coefficient(model, -0.5)
-    logits(model, input_ids)  # repacks the base weights
+    logits(model, input_ids)  # repacks the base weights on a CPU with AVX512-BF16
+    repack_like_bnb_cpu(model)  # and by hand on any other machine, so the path is tested everywhere
     layer = layers(model)[0]
     packed = layer.get_base_layer().weight
     assert getattr(packed.quant_state, "packing_format_for_cpu", False)
