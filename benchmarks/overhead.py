@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 
-import bitsandbytes
-import peft
 import torch
-import transformers
 from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import peft_ext
+from timing import environment, interleaved, summarize
+
 from peft_ext.io import write_json
 from peft_ext import GateConfig, ModulatedLoraConfig, ModulatedPissaConfig, select_gates
 from peft_ext.tiny import config_path
@@ -65,48 +60,15 @@ def variants(shape: str, device: str, dtype: torch.dtype) -> dict:
     }
 
 
-def time_once(model, ids, train: bool) -> float:
-    synchronize = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    if train:
-        model.train()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        model.eval()
-    else:
-        with torch.no_grad():
-            model(input_ids=ids)
-    synchronize()
-    return time.perf_counter() - start
-
-
 def measure(shape: str, device: str, dtype: torch.dtype, repeats: int) -> dict:
     models = variants(shape, device, dtype)
     _, _, batch, length = SHAPES[shape]
     ids = torch.randint(4, 100, (batch, length), device=device)
-    names = list(models)
-    samples = {mode: {name: [] for name in names} for mode in ("forward", "train_step")}
-    for mode in samples:
-        for name in names:  # warm-up
-            time_once(models[name], ids, mode == "train_step")
-        for repeat in range(repeats):
-            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-                samples[mode][name].append(time_once(models[name], ids, mode == "train_step"))
-    result = {"shape": shape, "batch": batch, "sequence_length": length, "modes": {}}
-    for mode, by_name in samples.items():
-        medians = {name: statistics.median(values) for name, values in by_name.items()}
-        result["modes"][mode] = {
-            name: {
-                "median_ms": medians[name] * 1e3,
-                "iqr_ms": (statistics.quantiles(values, n=4)[2] - statistics.quantiles(values, n=4)[0]) * 1e3,
-                "ratio_to_base": medians[name] / medians["base"],
-                "ratio_to_lora": medians[name] / medians["peft lora r8 all-linear"],
-                "samples_ms": [v * 1e3 for v in values],
-            }
-            for name, values in by_name.items()
-        }
+    baselines = {"base": "base", "lora": "peft lora r8 all-linear"}
+    result = {"shape": shape, "batch": batch, "sequence_length": length, "modes": {
+        mode: summarize(interleaved(models, ids, repeats, train=mode == "train_step"), baselines)
+        for mode in ("forward", "train_step")
+    }}
     result["trainable_parameters"] = {
         name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models.items()
     }
@@ -145,11 +107,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     repeats = 15 if args.quick else 50
     report = {
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "bitsandbytes": bitsandbytes.__version__, "peft_ext": peft_ext.__version__,
-                     "python": platform.python_version()},
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(),
+        **environment(args.device),
         "dtype": args.dtype,
         "seed": 0,
         "repeats": repeats,

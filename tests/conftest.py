@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_ext  # noqa: F401  (registers the families)
@@ -58,3 +59,16 @@ def load_base(saved_models, name="tiny-llama", quantization=None, dtype=torch.fl
 
 def fresh(name="tiny-llama", dtype=torch.float32):
     return build_model(name, seed=0, dtype=dtype)
+
+
+class OneLinear(nn.Module):
+    """A single linear layer that takes ``input_ids`` as float features (so calibrate can drive it)."""
+
+    def __init__(self, d_in=16, d_out=12, weight=None):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+        if weight is not None:
+            self.lin.weight.data.copy_(weight)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lin(input_ids)

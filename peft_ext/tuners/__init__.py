@@ -1,5 +1,6 @@
 """One folder per adapter family; ``FAMILIES`` lists ``(PeftType name, config class, tuner class)`` for registration."""
 
+from .hbake import HistoryBakeConfig, HistoryBakeModel
 from .loggate import GateConfig, LogGateModel
 from .mlora import MLoraModel, ModulatedLoraConfig
 from .mpissa import ModulatedPissaConfig, MPissaModel
@@ -8,4 +9,5 @@ FAMILIES = [
     ("LOGGATE", GateConfig, LogGateModel),
     ("MLORA", ModulatedLoraConfig, MLoraModel),
     ("MPISSA", ModulatedPissaConfig, MPissaModel),
+    ("HBAKE", HistoryBakeConfig, HistoryBakeModel),
 ]

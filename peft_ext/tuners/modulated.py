@@ -71,11 +71,13 @@ class ModulatedLayer(BaseTunerLayer):
     coefficient_attr: str
 
     def _init_modulated(self, base_layer: nn.Module) -> None:
-        if not isinstance(base_layer, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
-            raise TypeError(f"{type(base_layer).__name__} is not a linear layer; target linear modules only")
+        # base_layer may itself be a tuner layer (a history bake stacked underneath); the linear is its innermost layer
+        linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        if not isinstance(linear, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
+            raise TypeError(f"{type(linear).__name__} is not a linear layer; target linear modules only")
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quantization_backend = resolve_quantization_backend(linear)
         self._disable_adapters = False
         self.merged_adapters = []
         self._merged_deltas: dict[str, torch.Tensor] = {}
@@ -144,6 +146,12 @@ class ModulatedLayer(BaseTunerLayer):
             weight = self.get_base_weight()
             self.set_base_weight((weight.to(ADAPTER_DTYPE) - delta.to(weight.device)).to(weight.dtype))
 
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        """PEFT's unload hook: hand back the directly wrapped module, so a history bake stacked below stays in place."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.base_layer
+
 
 class ModulatedLinear(nn.Module):
     """The ``nn.Module`` half of a family's linear wrapper: ``class XLinear(ModulatedLinear, XLayer)``.
@@ -151,12 +159,12 @@ class ModulatedLinear(nn.Module):
     Wraps ``nn.Linear`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` alike (the adapter acts on the output).
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **options: Any) -> None:
         super().__init__()
         self._init_modulated(base_layer)
         self._init_adapter_containers()
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, **options)
 
     forward = ModulatedLayer.forward
 
@@ -166,7 +174,7 @@ class ModulatedLinear(nn.Module):
         self._loaded_from_state_dict(state_dict, prefix)
 
     def __repr__(self) -> str:
-        return self.adapter_layer_names[0].split("_")[0] + "." + super().__repr__()
+        return self.coefficient_attr.split("_")[0] + "." + super().__repr__()
 
 
 class ModulatedTuner(BaseTuner):
@@ -181,7 +189,7 @@ class ModulatedTuner(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
         self._band = None
-        if config.layer_range is not None:
+        if getattr(config, "layer_range", None) is not None:
             path, blocks = find_decoder_blocks(model)
             lo, hi = config.layer_range
             indices = [i for i in range(len(blocks)) if lo * len(blocks) <= i < hi * len(blocks)]
@@ -204,17 +212,30 @@ class ModulatedTuner(BaseTuner):
                 return False  # inside the block stack but outside the band; modules outside the stack are kept
         return matched
 
+    def layer_options(self, peft_config, key: str) -> dict[str, Any]:
+        """Extra per-module arguments for ``update_layer`` (e.g. the rank of a baked module); none by default."""
+        return {}
+
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        options = self.layer_options(peft_config, current_key)
         if isinstance(target, self.layer_cls):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config, **options)
             return
-        new_module = self.layer_cls(target, adapter_name, peft_config)
+        new_module = self.layer_cls(target, adapter_name, peft_config, **options)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # PEFT collects the tensors of every tuner layer in the model; a history bake stacked below this adapter is
+        # another tuner's state and must not be saved with it
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {key: value for key, value in entries.items() if f".{cls.prefix}" in key}
+
     def modulated_layers(self) -> list[ModulatedLayer]:
-        return [module for module in self.model.modules() if isinstance(module, ModulatedLayer)]
+        """This tuner's layers (a stacked model also holds the layers of the tuner below)."""
+        return [module for module in self.model.modules() if isinstance(module, self.tuner_layer_cls)]
 
 
 def get_coefficient(model: nn.Module, adapter_name: Optional[str] = None) -> float:
