@@ -1,7 +1,14 @@
-"""Compose log-gate controllers: ``s = clip(Σ wᵢ sᵢ, ±budget)`` with mask = union of the inputs' masks.
+"""Compose adapters: log-gate controllers by clipped sums, low-rank adapters by weighted sums of their deltas.
 
-:func:`plan_composition` measures what composing would do (clipping, sign conflicts, Jaccard overlap and cosine of the
-weighted log-gates) without writing anything; :func:`compose_gates` checks the plan and then writes a new adapter.
+Gates: ``s = clip(Σ wᵢ sᵢ, ±budget)`` with mask = union of the inputs' masks. :func:`plan_composition` measures what
+composing would do (clipping, sign conflicts, Jaccard overlap and cosine of the weighted log-gates) without writing
+anything; :func:`compose_gates` checks the plan and then writes a new adapter.
+
+Low-rank adapters (modulated LoRA/PiSSA, PEFT LoRA, bakes): the weighted sum ``Σ wᵢ ΔWᵢ`` is exactly a history bake
+with the weights as kept coefficients (:func:`peft_ext.bake`). :func:`plan_lowrank` measures, per module shared by
+two adapters, the principal angles between their column spaces (of ``B``) and row spaces (of ``A``) and the cosine
+between the weighted deltas ``<wᵢΔWᵢ, wⱼΔWⱼ>_F / (‖wᵢΔWᵢ‖ ‖wⱼΔWⱼ‖)``: near 0 the adapters act on separate directions
+and add without interference; near +1 they reinforce, near -1 they cancel.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from .tuners.loggate import LogGateModel
 
 # fraction of the union of gates that may be clipped before the plan counts it as a blocking problem
 MAX_CLIPPED_FRACTION = 0.5
+# |cosine| between two weighted deltas above which the plan warns that they interfere on that module
+INTERFERENCE_COSINE = 0.5
 
 
 def _stacked_gates(tuner, adapters: Sequence[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -42,20 +51,28 @@ def plan_composition(model, adapters: Sequence[str], weights: Sequence[float], b
     (non-finite gates, more than half of the union clipped) and ``warnings`` (any clipping, sign conflicts).
     """
     tuner = tuner_of(model, LogGateModel, "log-gate")
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    adapters = list(adapters)
     missing = [a for a in adapters if a not in tuner.peft_config]
     if missing:
         raise ValueError(f"unknown adapters {missing}; the model has {sorted(tuner.peft_config)}")
-    if len(adapters) < 1 or len(adapters) != len(weights) or len(set(adapters)) != len(adapters):
-        raise ValueError(f"need distinct adapters and one weight each, got adapters={adapters} weights={weights}")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"need distinct adapters, got {adapters}")
+    blocks, gates, masks = _stacked_gates(tuner, adapters)
+    bounds = [tuner.peft_config[a].max_log_gate for a in adapters]
+    return plan_gates(adapters, weights, bounds, blocks, gates, masks, budget)
+
+
+def plan_gates(adapters: Sequence[str], weights: Sequence[float], bounds: Sequence[float], blocks: list[str],
+               gates: torch.Tensor, masks: torch.Tensor, budget: Optional[float] = None) -> dict:
+    """The plan of :func:`plan_composition` from log-gates ``[adapter, block, channel]`` and masks directly."""
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if len(adapters) < 1 or len(adapters) != len(weights):
+        raise ValueError(f"need one weight per adapter, got adapters={adapters} weights={weights}")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite, got {weights}")
-    bounds = [tuner.peft_config[a].max_log_gate for a in adapters]
     budget = max(bounds) if budget is None else float(budget)
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget={budget}: must be a finite positive log-gate bound")
-
-    blocks, gates, masks = _stacked_gates(tuner, adapters)
     contributions = gates * torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1)
     union = masks.any(dim=0)
     combined = contributions.sum(dim=0)
@@ -156,3 +173,123 @@ def compose_gates(
     plan["adapter_name"] = adapter_name
     plan["max_reconstruction_error"] = error
     return plan
+
+
+def _module_order(path: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split(".")]
+
+
+def saved_gate_values(saved) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Block names, log-gates ``s = bound·tanh(raw)·mask`` (fp64, ``[blocks, hidden]``) and masks of a saved controller
+    (a :class:`~peft_ext.loading.SavedAdapter`)."""
+    blocks = sorted({key.removeprefix("base_model.model.").removesuffix(".loggate_raw")
+                     for key in saved.tensors if key.endswith(".loggate_raw")}, key=_module_order)
+    if not blocks:
+        raise ValueError(f"{saved.source}: no loggate_raw tensors, so this is not a saved log-gate controller")
+    bound = float(saved.config.get("max_log_gate", 0.05))
+    raw = torch.stack([saved.tensors[f"base_model.model.{b}.loggate_raw"].double() for b in blocks])
+    masks = torch.stack([saved.tensors.get(f"base_model.model.{b}.loggate_mask", torch.ones(raw.shape[1])).bool()
+                         for b in blocks])
+    return blocks, bound * torch.tanh(raw) * masks, masks
+
+
+def plan_saved_gates(sources: Sequence[str], weights: Sequence[float], budget: Optional[float] = None) -> dict:
+    """:func:`plan_composition` of saved controllers, read from their folders (no model needed)."""
+    from .loading import read_adapter_files
+
+    saved = [read_adapter_files(source) for source in sources]
+    values = [saved_gate_values(adapter) for adapter in saved]
+    blocks = sorted({b for names, _, _ in values for b in names}, key=_module_order)
+    widths = {g.shape[1] for _, g, _ in values}
+    if len(widths) > 1:
+        raise ValueError(f"the controllers gate hidden states of different widths {sorted(widths)}: other base models")
+    gates = torch.zeros(len(saved), len(blocks), widths.pop(), dtype=torch.float64)
+    masks = torch.zeros(gates.shape, dtype=torch.bool)
+    for i, (names, adapter_gates, adapter_masks) in enumerate(values):
+        rows = [blocks.index(name) for name in names]
+        gates[i, rows], masks[i, rows] = adapter_gates, adapter_masks
+    bounds = [float(adapter.config.get("max_log_gate", 0.05)) for adapter in saved]
+    return plan_gates([str(s) for s in sources], weights, bounds, blocks, gates, masks, budget)
+
+
+def _orthonormal_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the column space of ``matrix`` (fp64), numerically zero directions dropped."""
+    u, s, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return u[:, :0]
+    return u[:, s > s[0] * max(matrix.shape) * torch.finfo(torch.float32).eps]
+
+
+def _subspace_overlap(first: torch.Tensor, second: torch.Tensor) -> dict:
+    """Cosines of the principal angles between two subspaces (orthonormal bases): the largest and mean cos²."""
+    if first.shape[1] == 0 or second.shape[1] == 0:
+        return {"max_cosine": 0.0, "mean_cosine_squared": 0.0}
+    cosines = torch.linalg.svdvals(first.T @ second).clamp(0.0, 1.0)
+    return {"max_cosine": float(cosines.max()),
+            "mean_cosine_squared": float((cosines**2).sum()) / min(first.shape[1], second.shape[1])}
+
+
+def delta_inner(a1, b1, a2, b2) -> float:
+    """``<B1 A1, B2 A2>_F = Σ (B1ᵀB2) ⊙ (A1A2ᵀ)``, without forming the dense deltas."""
+    return float(((b1.double().T @ b2.double()) * (a1.double() @ a2.double().T)).sum())
+
+
+def plan_lowrank(rounds: Sequence[tuple[str, float]]) -> dict:
+    """What ``Σ wᵢ ΔWᵢ`` of saved low-rank adapters would do, per module and pair; nothing is written.
+
+    ``rounds = [(adapter folder or Hub id, weight), ...]``. Modules whose shapes differ between adapters are blocking
+    (the adapters belong to different models); pairs with ``|cosine| > INTERFERENCE_COSINE`` on a module are warnings.
+    """
+    from .bake import read_round
+
+    if len(rounds) < 1:
+        raise ValueError("pass at least one (adapter, weight)")
+    kept = [read_round(source, weight) for source, weight in rounds]
+    blocking, warnings, pairs = [], [], []
+    for i, j in itertools.combinations(range(len(kept)), 2):
+        shared = sorted(set(kept[i].factors) & set(kept[j].factors))
+        modules = {}
+        for path in shared:
+            (a1, b1), (a2, b2) = kept[i].factors[path], kept[j].factors[path]
+            if (b1.shape[0], a1.shape[1]) != (b2.shape[0], a2.shape[1]):
+                blocking.append(f"{path}: {kept[i].source} is {b1.shape[0]}x{a1.shape[1]}, "
+                                f"{kept[j].source} is {b2.shape[0]}x{a2.shape[1]} (different base models)")
+                continue
+            norm = math.sqrt(max(delta_inner(a1, b1, a1, b1), 0.0) * max(delta_inner(a2, b2, a2, b2), 0.0))
+            cosine = delta_inner(a1, b1, a2, b2) / norm if norm > 0 else 0.0
+            modules[path] = {
+                "columns": _subspace_overlap(_orthonormal_basis(b1), _orthonormal_basis(b2)),
+                "rows": _subspace_overlap(_orthonormal_basis(a1.T), _orthonormal_basis(a2.T)),
+                "delta_cosine": cosine,
+            }
+        interfering = sorted(path for path, m in modules.items() if abs(m["delta_cosine"]) > INTERFERENCE_COSINE)
+        if interfering:
+            warnings.append(f"{kept[i].source} and {kept[j].source} interfere (|cosine| > {INTERFERENCE_COSINE}) on "
+                            f"{len(interfering)} modules, e.g. {interfering[0]}")
+        cosines = [m["delta_cosine"] for m in modules.values()]
+        pairs.append({
+            "adapters": [kept[i].source, kept[j].source],
+            "shared_modules": len(shared),
+            "only_first": len(set(kept[i].factors) - set(kept[j].factors)),
+            "only_second": len(set(kept[j].factors) - set(kept[i].factors)),
+            "mean_abs_delta_cosine": sum(map(abs, cosines)) / len(cosines) if cosines else 0.0,
+            "mean_column_cosine_squared": _mean(m["columns"]["mean_cosine_squared"] for m in modules.values()),
+            "mean_row_cosine_squared": _mean(m["rows"]["mean_cosine_squared"] for m in modules.values()),
+            "interfering_modules": interfering,
+            "modules": modules,
+        })
+    return {
+        "adapters": [k.source for k in kept],
+        "weights": [k.coefficient for k in kept],
+        "types": [k.peft_type for k in kept],
+        "modules": len({path for k in kept for path in k.factors}),
+        "pairs": pairs,
+        "blocking": blocking,
+        "warnings": warnings,
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0

@@ -1,12 +1,18 @@
-"""Fit the trainable adapter parameters of a model on completion-only teacher-forced NLL."""
+"""Fit the trainable adapter parameters of a model on completion-only teacher-forced NLL.
+
+:func:`fit` is the training loop; :func:`fit_adapter` is the whole workflow behind ``peft-ext fit``: add the adapter,
+select gates or calibrate PiSSA directions, measure NLL before, train with optional early stopping, measure after.
+"""
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
+from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from .data import cycle, evaluate, to_device
@@ -66,3 +72,73 @@ def fit(
     model.eval()
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+# evaluation of the training set before/after uses at most this many batches (it is a sanity check, not the metric)
+TRAIN_EVAL_BATCHES = 32
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far: CUDA allocator peak on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "cuda allocator"}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_of": "process RSS"}
+
+
+def _before_after(before: dict, after: dict) -> dict:
+    return {"nll_before": before["nll"], "nll_after": after["nll"], "exact_match_before": before["exact_match"],
+            "exact_match_after": after["exact_match"], "examples": after["examples"]}
+
+
+def fit_adapter(
+    base_model,
+    config,
+    train_batches: Sequence[dict],
+    eval_batches: Optional[Sequence[dict]] = None,
+    rejected_batches: Optional[Sequence[dict]] = None,
+    steps: int = 240,
+    lr: float = 5e-3,
+    eval_every: int = 20,
+    patience: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Add ``config``'s adapter to ``base_model`` and fit it; return ``(peft_model, report)``.
+
+    Sparse gate controllers select their gates on ``train_batches`` first; PiSSA adapters whose selection needs
+    activations are calibrated on them (``rejected_batches`` for ``cho_rej_min_std``). The report has NLL and exact
+    match before and after on (up to ``TRAIN_EVAL_BATCHES`` of) the training batches and on ``eval_batches``, the
+    selection and training times, the loss curve, and peak memory.
+    """
+    from .pissa import calibrate
+    from .selection import select_gates
+    from .tuners.loggate import GateConfig
+    from .tuners.mpissa import ModulatedPissaConfig
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base_model, config)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    report: dict = {"peft_type": str(config.peft_type), "seed": seed, "steps": steps, "lr": lr}
+    start = time.perf_counter()
+    if isinstance(config, GateConfig) and config.num_gates is not None:
+        report["selection"] = select_gates(model, train_batches, progress=progress)
+    elif isinstance(config, ModulatedPissaConfig) and config.selection != "s_only":
+        report["calibration"] = calibrate(model, train_batches, rejected_batches, progress=progress)
+    report["selection_seconds"] = round(time.perf_counter() - start, 3)
+    train_probe = list(train_batches[:TRAIN_EVAL_BATCHES])
+    before = {"train": evaluate(model, train_probe)}
+    if eval_batches:
+        before["eval"] = evaluate(model, eval_batches)
+    fitted = fit(model, train_batches, steps=steps, lr=lr, eval_batches=eval_batches or None, eval_every=eval_every,
+                 patience=patience, progress=progress)
+    report["train"] = _before_after(before["train"], evaluate(model, train_probe))
+    report["eval"] = _before_after(before["eval"], evaluate(model, eval_batches)) if eval_batches else None
+    report.update({
+        "steps_run": fitted["steps"], "train_seconds": fitted["seconds"], "best_eval_nll": fitted.get("best_eval_nll"),
+        "eval_curve": fitted["eval"], "train_loss": fitted["train_loss"],
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **peak_memory(device),
+    })
+    return model, report

@@ -29,12 +29,13 @@ def config_path(name: str) -> Path:
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer (ids 0-3 special, then 96 characters) that prepends ``<s>``."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.Fuse()  # characters join without separators
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from peft_ext.io import atomic_write, write_json
+from peft_ext.io import atomic_directory, atomic_write, write_json
 
 
 def test_write_json_is_atomic_and_readable_by_others(tmp_path):
@@ -32,3 +32,27 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(target, broken)
     assert json.loads(target.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "adapter"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_directory(target) as temporary:
+            (temporary / "adapter_config.json").write_text("{}")
+            raise RuntimeError("killed half way")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as temporary:
+        (temporary / "a.txt").write_text("new")
+        assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (target / "a.txt").read_text() == "new"
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        with atomic_directory(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target, overwrite=True) as temporary:
+            (temporary / "b.txt").write_text("newer")
+            raise RuntimeError("failed")
+    assert [p.name for p in target.iterdir()] == ["a.txt"]  # the old folder survives a failed overwrite
+    with atomic_directory(target, overwrite=True) as temporary:
+        (temporary / "b.txt").write_text("newer")
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == ["adapter"]

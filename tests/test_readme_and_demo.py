@@ -37,8 +37,11 @@ def test_quickstart_runs_and_reloads_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_command(tmp_path):
+    """The README's demo command ends in ``peft-ext demo``: run that installed console script."""
+    assert readme_block("demo-command").strip().endswith("&& peft-ext demo")
+    script = Path(sys.executable).parent / "peft-ext"
     result = subprocess.run(
-        [sys.executable, "-m", "peft_ext.cli", "demo", "--out-dir", str(tmp_path), "--out", str(tmp_path / "r.json")],
+        [str(script), "demo", "--out-dir", str(tmp_path), "--out", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
