@@ -1,6 +1,7 @@
 """End-to-end demo on a tiny model, offline: steer a model that answers in either case towards upper case.
 
-1. Pre-train ``configs/tiny-llama.json`` briefly on ``"word:" -> " word"`` or ``" WORD"`` (50/50), save it.
+1. Write the task as ``train.jsonl`` / ``held_out.jsonl`` (prompt/completion rows) and read it back like user data.
+   Pre-train ``configs/tiny-llama.json`` briefly on ``"word:" -> " word"`` or ``" WORD"`` (50/50), save it.
 2. Reload it with ``from_pretrained``; fit sparse log-gate controllers on upper-case completions: gradient-selected
    gates and, as the control, the same number of random gates.
 3. Evaluate base vs controllers on held-out words (teacher-forced completion NLL, exact match).
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -18,9 +20,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from .data import Example, cycle, evaluate, make_batches
+from .data import Example, cycle, evaluate, load_examples, make_batches
 from .fit import fit
-from .io import write_json
+from .io import atomic_write, write_json
 from .selection import select_gates
 from .tiny import build_model, char_tokenizer
 from .tuners.loggate import GateConfig
@@ -58,12 +60,16 @@ def run_demo(out_dir: str | Path | None = None, num_gates: int = 64, steps: int 
     tokenizer = char_tokenizer()
     words = make_words(360, seed)
     train_words, held_words = words[:300], words[300:]
-    upper = lambda ws: [Example(f"{w}:", " " + w.upper()) for w in ws]  # noqa: E731
-    train, held = make_batches(tokenizer, upper(train_words), 32), make_batches(tokenizer, upper(held_words), 32)
+    data = {}
+    for split, split_words in (("train", train_words), ("held_out", held_words)):  # the dataset, as a user's files
+        rows = "".join(json.dumps({"prompt": f"{w}:", "completion": " " + w.upper()}) + "\n" for w in split_words)
+        data[split] = atomic_write(out / f"{split}.jsonl", lambda temporary, text=rows: Path(temporary).write_text(text))
+    train, held = (make_batches(tokenizer, load_examples(data[split]), 32) for split in ("train", "held_out"))
 
     start = time.perf_counter()
     pretrain_base(out / "base", tokenizer, train_words, steps=400, seed=seed)
-    report = {"base_dir": str(out / "base"), "pretrain_seconds": round(time.perf_counter() - start, 2), "rows": []}
+    report = {"base_dir": str(out / "base"), "data": {split: str(path) for split, path in data.items()},
+              "pretrain_seconds": round(time.perf_counter() - start, 2), "rows": []}
     load = lambda **kw: AutoModelForCausalLM.from_pretrained(out / "base", **kw).eval()  # noqa: E731
     report["rows"].append({"model": "base", **evaluate(load(), held)})
 

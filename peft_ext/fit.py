@@ -120,7 +120,7 @@ def fit_adapter(
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    report: dict = {"peft_type": str(config.peft_type), "seed": seed, "steps": steps, "lr": lr}
+    report: dict = {"peft_type": config.peft_type.value, "seed": seed, "steps": steps, "lr": lr}
     start = time.perf_counter()
     if isinstance(config, GateConfig) and config.num_gates is not None:
         report["selection"] = select_gates(model, train_batches, progress=progress)

@@ -72,6 +72,7 @@ def test_fit_writes_an_adapter_with_provenance_card_and_report(name, adapters, w
     assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md",
                                                   "provenance.json", "fit_report.json"}
     report = json.loads((folder / "fit_report.json").read_text())
+    assert report["peft_type"] == json.loads((folder / "adapter_config.json").read_text())["peft_type"]
     for key in ("selection_seconds", "train_seconds", "peak_memory_mb", "trainable_parameters", "steps_run"):
         assert key in report
     assert report["train"]["nll_after"] < report["train"]["nll_before"]

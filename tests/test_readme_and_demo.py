@@ -49,6 +49,8 @@ def test_demo_command(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
     assert report["reload_exact"] is True
+    written = [json.loads(line) for line in Path(report["data"]["train"]).read_text().splitlines()]
+    assert len(written) == 300 and set(written[0]) == {"prompt", "completion"}
     assert rows["64 gradient gates"]["nll"] < rows["base"]["nll"]
     assert rows["64 gradient gates"]["exact_match"] > rows["base"]["exact_match"]
     assert rows["64 gradient gates, 4-bit base"]["exact_match"] > rows["base, 4-bit"]["exact_match"]
