@@ -174,6 +174,29 @@ def compress_factors(a: torch.Tensor, b: torch.Tensor, max_rank: Optional[int] =
     return (root[:, None] * (vh[:keep] @ q_a.T)).to(ADAPTER_DTYPE), ((q_b @ u[:, :keep]) * root).to(ADAPTER_DTYPE), error
 
 
+def stack_rounds(kept: Sequence[KeptRound], compress: bool = True, max_rank: Optional[int] = None,
+                 energy: Optional[float] = None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """Per module ``(A_cat, B_cat)`` of the kept rounds (compressed unless ``compress=False``) and the truncation errors.
+
+    Modules on which the rounds cancel exactly are left out.
+    """
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for kept_round in kept:
+        for path, factors in kept_round.factors.items():
+            parts.setdefault(path, []).append(factors)
+    stacked, errors = {}, {}
+    for path in tqdm(sorted(parts), desc="baking", disable=None):
+        a = torch.cat([a for a, _ in parts[path]])
+        b = torch.cat([b for _, b in parts[path]], dim=1)
+        if compress:
+            a, b, errors[path] = compress_factors(a, b, max_rank, energy)
+            if a.shape[0] == 0:
+                del errors[path]
+                continue  # the kept rounds cancel (or are zero) on this module
+        stacked[path] = (a, b)
+    return stacked, errors
+
+
 def bake(
     base_model: nn.Module,
     rounds: Sequence[tuple[str, float]],
@@ -203,20 +226,7 @@ def bake(
     kept = [read_round(source, coefficient) for source, coefficient in rounds]
     for kept_round in kept:
         _check_fits(base_model, kept_round)
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for kept_round in kept:
-        for path, factors in kept_round.factors.items():
-            parts.setdefault(path, []).append(factors)
-    baked, errors = {}, {}
-    for path in tqdm(sorted(parts), desc="baking", disable=None):
-        a = torch.cat([a for a, _ in parts[path]])
-        b = torch.cat([b for _, b in parts[path]], dim=1)
-        if compress:
-            a, b, errors[path] = compress_factors(a, b, max_rank, energy)
-            if a.shape[0] == 0:
-                del errors[path]
-                continue  # the kept rounds cancel (or are zero) on this module
-        baked[path] = (a, b)
+    baked, errors = stack_rounds(kept, compress, max_rank, energy)
     if not baked:
         raise ValueError("every kept round is zero on every module; there is nothing to bake")
     config = HistoryBakeConfig(

@@ -23,6 +23,7 @@ import torch
 
 from .tuners.common import tuner_of
 from .tuners.loggate import LogGateModel
+from .tuners.loggate.layer import log_gates
 
 # fraction of the union of gates that may be clipped before the plan counts it as a blocking problem
 MAX_CLIPPED_FRACTION = 0.5
@@ -180,18 +181,18 @@ def _module_order(path: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split(".")]
 
 
-def saved_gate_values(saved) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Block names, log-gates ``s = bound·tanh(raw)·mask`` (fp64, ``[blocks, hidden]``) and masks of a saved controller
-    (a :class:`~peft_ext.loading.SavedAdapter`)."""
+def saved_gate_values(saved, dtype: torch.dtype = torch.float64) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Block names, log-gates ``s = bound·tanh(raw)·mask`` (``[blocks, hidden]``, fp64 by default; fp32 reproduces
+    the layer's forward exactly) and masks of a saved controller (a :class:`~peft_ext.loading.SavedAdapter`)."""
     blocks = sorted({key.removeprefix("base_model.model.").removesuffix(".loggate_raw")
                      for key in saved.tensors if key.endswith(".loggate_raw")}, key=_module_order)
     if not blocks:
         raise ValueError(f"{saved.source}: no loggate_raw tensors, so this is not a saved log-gate controller")
     bound = float(saved.config.get("max_log_gate", 0.05))
-    raw = torch.stack([saved.tensors[f"base_model.model.{b}.loggate_raw"].double() for b in blocks])
+    raw = torch.stack([saved.tensors[f"base_model.model.{b}.loggate_raw"].to(dtype) for b in blocks])
     masks = torch.stack([saved.tensors.get(f"base_model.model.{b}.loggate_mask", torch.ones(raw.shape[1])).bool()
                          for b in blocks])
-    return blocks, bound * torch.tanh(raw) * masks, masks
+    return blocks, log_gates(raw, masks, bound), masks
 
 
 def plan_saved_gates(sources: Sequence[str], weights: Sequence[float], budget: Optional[float] = None) -> dict:

@@ -15,6 +15,26 @@ NOT_MERGEABLE = (
 )
 
 
+def log_gates(raw: torch.Tensor, mask: torch.Tensor, bound: float) -> torch.Tensor:
+    """``s = bound · tanh(raw)`` where ``mask``, exactly 0 elsewhere (in ``raw``'s dtype)."""
+    return (torch.tanh(raw) * bound).masked_fill(~mask, 0.0)
+
+
+def apply_log_gate(output, log_gate: torch.Tensor, hidden_size: int, block_name: str = "the block"):
+    """A block's output with its hidden state multiplied by ``exp(log_gate)``, computed in fp32.
+
+    ``output`` is the hidden state or a tuple whose first element is it (the rest is passed through).
+    """
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not isinstance(hidden, torch.Tensor) or hidden.shape[-1] != hidden_size:
+        raise TypeError(
+            f"{block_name} returned {type(hidden).__name__} {tuple(getattr(hidden, 'shape', ()))}; log-gates need a "
+            f"hidden-state tensor of width {hidden_size} (or a tuple starting with one). Check `target_modules`."
+        )
+    gated = (hidden.to(ADAPTER_DTYPE) * torch.exp(log_gate.to(hidden.device))).to(hidden.dtype)
+    return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+
 class LogGateLayer(BaseTunerLayer):
     """Per-adapter signed log-gates on one block output: ``s = bound · tanh(raw)`` where ``mask``, else 0.
 
@@ -49,7 +69,7 @@ class LogGateLayer(BaseTunerLayer):
     def log_gate(self, adapter_name: str) -> torch.Tensor:
         """``s`` of one adapter (fp32, shape ``[hidden]``); unselected gates are exactly 0 and get no gradient."""
         raw = self.loggate_raw[adapter_name].to(ADAPTER_DTYPE)  # stays fp32 math even after model.to(bfloat16)
-        return (torch.tanh(raw) * self.loggate_bound[adapter_name]).masked_fill(~self.loggate_mask[adapter_name], 0.0)
+        return log_gates(raw, self.loggate_mask[adapter_name], self.loggate_bound[adapter_name])
 
     def active_log_gate(self) -> Optional[torch.Tensor]:
         """Sum of the active adapters' log-gates on this block, or None when none of them lives here."""
@@ -83,15 +103,7 @@ class LogGateBlock(nn.Module, LogGateLayer):
         log_gate = self.active_log_gate()
         if log_gate is None:
             return output
-        hidden = output[0] if isinstance(output, tuple) else output
-        if not isinstance(hidden, torch.Tensor) or hidden.shape[-1] != self.hidden_size:
-            raise TypeError(
-                f"{type(self.base_layer).__name__} returned {type(hidden).__name__} "
-                f"{tuple(getattr(hidden, 'shape', ()))}; log-gates need a hidden-state tensor of width "
-                f"{self.hidden_size} (or a tuple starting with one). Check `target_modules`."
-            )
-        gated = (hidden.to(ADAPTER_DTYPE) * torch.exp(log_gate.to(hidden.device))).to(hidden.dtype)
-        return (gated, *output[1:]) if isinstance(output, tuple) else gated
+        return apply_log_gate(output, log_gate, self.hidden_size, type(self.base_layer).__name__)
 
     def __getattr__(self, name: str):
         # model code sometimes reads block attributes (e.g. `decoder_layer.attention_type`): answer for the block
