@@ -1,5 +1,5 @@
 """The ``peft-ext`` command line: fit / eval / generate / compose / compose-plan / inspect / lint / card / doctor / bake
-/ demo.
+/ memory / demo.
 
 Every command reads and writes ordinary PEFT adapter folders. Commands whose product is an adapter folder (``fit``,
 ``compose``, ``bake``) take ``--out DIR`` and write their JSON report into it; the others write their JSON report to
@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 METHODS = ("gate", "modulated-lora", "modulated-pissa")
 
@@ -94,11 +97,13 @@ def _method_config(args):
                                 coefficient=args.coefficient)
 
 
-def _fit(args) -> int:
+def _fit_into(args, folder: Path, location: str) -> dict:
+    """Fit ``args.method`` on ``args.train`` and save adapter, provenance, report and card (naming ``location``, where
+    users will load it from) into ``folder``."""
     from .analysis import write_card
     from .data import load_examples, make_batches
     from .fit import fit_adapter
-    from .io import atomic_directory, write_json
+    from .io import write_json
     from .provenance import fingerprint, write_provenance
 
     if args.layers != "all" and not args.layers.startswith("last:"):
@@ -111,19 +116,26 @@ def _fit(args) -> int:
     batches = {role: make_batches(tokenizer, load_examples(path, tokenizer, args.chat_template), args.batch_size,
                                   seed=args.seed if role == "train" else None)
                for role, path in data.items()}  # every row is checked before anything is written
+    base = _load_model(args)
+    base_fingerprint = fingerprint(base)
+    config.revision = args.revision
+    model, report = fit_adapter(base, config, batches["train"], batches.get("eval"), batches.get("rejected"),
+                                steps=args.steps, lr=args.lr, eval_every=args.eval_every, patience=args.patience,
+                                seed=args.seed, progress=not args.quiet)
+    report.update({"method": args.method, "base_model": args.model, "revision": args.revision,
+                   "quantization": "nf4" if args.load_in_4bit else "int8" if args.load_in_8bit else None})
+    model.save_pretrained(folder)
+    write_provenance(folder, base_fingerprint, args.model, args.revision, data, report)
+    write_json(folder / "fit_report.json", report)
+    write_card(folder, location=location)
+    return report
+
+
+def _fit(args) -> int:
+    from .io import atomic_directory
+
     with atomic_directory(args.out, overwrite=args.overwrite) as folder:
-        base = _load_model(args)
-        base_fingerprint = fingerprint(base)
-        config.revision = args.revision
-        model, report = fit_adapter(base, config, batches["train"], batches.get("eval"), batches.get("rejected"),
-                                    steps=args.steps, lr=args.lr, eval_every=args.eval_every, patience=args.patience,
-                                    seed=args.seed, progress=not args.quiet)
-        report.update({"method": args.method, "base_model": args.model, "revision": args.revision,
-                       "quantization": "nf4" if args.load_in_4bit else "int8" if args.load_in_8bit else None})
-        model.save_pretrained(folder)
-        write_provenance(folder, base_fingerprint, args.model, args.revision, data, report)
-        write_json(folder / "fit_report.json", report)
-        write_card(folder, location=args.out)
+        report = _fit_into(args, folder, args.out)
     _write_report(args.report, report)
     train, held = report["train"], report["eval"]
     print(f"fitted {args.method} in {report['train_seconds']:.1f} s ({report['steps_run']} steps); "
@@ -373,36 +385,28 @@ def _demo(args) -> int:
     return 0 if report["reload_exact"] else 1
 
 
-# -- parser -----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-ext", description="Adapter families for Hugging Face PEFT.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    fit = commands.add_parser("fit", help="fit an adapter on JSONL data and save it with provenance and a model card")
-    _add_model_options(fit)
-    fit.add_argument("--train", required=True, help="training JSONL (prompt/completion, instruction/response, "
-                     "question/answer, text or messages rows)")
-    fit.add_argument("--eval", help="held-out JSONL: NLL before/after, early stopping and best-checkpoint restore")
-    fit.add_argument("--rejected", help="JSONL of rejected completions (PiSSA cho_rej_min_std calibration)")
-    fit.add_argument("--method", required=True, choices=METHODS)
-    fit.add_argument("--out", required=True, help="adapter folder to write (must not exist or be empty)")
-    fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is complete")
-    fit.add_argument("--report", help="also write the fit report here")
-    fit.add_argument("--steps", type=int, default=240)
-    fit.add_argument("--lr", type=float, default=5e-3)
-    fit.add_argument("--batch-size", type=int, default=16)
-    fit.add_argument("--eval-every", type=int, default=20, help="steps between evaluations on --eval")
-    fit.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--chat-template", default="auto", choices=("auto", "none"))
-    fit.add_argument("--quiet", action="store_true", help="no progress bars")
-    gates = fit.add_argument_group("log-gates (--method gate)")
+def _add_fit_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The options of ``fit`` (shared with ``memory add`` / ``memory update``, where fitting is optional)."""
+    parser.add_argument("--train", required=required, help="training JSONL (prompt/completion, instruction/response, "
+                        "question/answer, text or messages rows)")
+    parser.add_argument("--eval", help="held-out JSONL: NLL before/after, early stopping and best-checkpoint restore")
+    parser.add_argument("--rejected", help="JSONL of rejected completions (PiSSA cho_rej_min_std calibration)")
+    parser.add_argument("--method", required=required, choices=METHODS)
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations on --eval")
+    parser.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-template", default="auto", choices=("auto", "none"))
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    gates = parser.add_argument_group("log-gates (--method gate)")
     gates.add_argument("--gates", type=int, default=5000, help="sparse gate budget; 0 trains every gate (dense)")
     gates.add_argument("--max-log-gate", type=float, default=0.05)
     gates.add_argument("--layers", default="all", help="all, last:N or comma-separated block indices")
     gates.add_argument("--score-batches", type=int, default=16)
     gates.add_argument("--selection", default="gradient", choices=("gradient", "per_layer", "random"))
-    low_rank = fit.add_argument_group("low-rank (--method modulated-lora / modulated-pissa)")
+    low_rank = parser.add_argument_group("low-rank (--method modulated-lora / modulated-pissa)")
     low_rank.add_argument("--rank", type=int, default=8)
     low_rank.add_argument("--alpha", type=float, help="LoRA alpha (default: rank, i.e. scale 1)")
     low_rank.add_argument("--coefficient", type=float, default=1.0, help="default runtime coefficient c")
@@ -410,6 +414,162 @@ def build_parser() -> argparse.ArgumentParser:
     low_rank.add_argument("--layer-range", nargs=2, type=float, metavar=("LO", "HI"))
     low_rank.add_argument("--pissa-selection", default="s_only",
                           choices=("s_only", "act_only", "wanda", "cho_rej_min_std"))
+
+
+# -- memory -----------------------------------------------------------------------------------------------------------
+def _memory_adapter(args, store):
+    """``(adapter folder, cleanup)`` for memory add/update: ``--adapter`` as given, or fitted from ``--train``."""
+    if args.adapter and args.train:
+        raise ValueError("pass either --adapter (register a folder) or --train (fit one), not both")
+    if args.train:
+        if not (args.model and args.method):
+            raise ValueError("fitting a memory needs --model and --method")
+        staging = Path(tempfile.mkdtemp(dir=store.adapters / ".staging"))
+        try:
+            _fit_into(args, staging, f"{store.adapters}/<the memory's adapter_sha256>")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging, lambda: shutil.rmtree(staging, ignore_errors=True)
+    return args.adapter, lambda: None
+
+
+def _memory(args) -> int:
+    from .memory import MemoryStore
+
+    store = MemoryStore(args.store)
+    operation = args.operation
+    metadata = json.loads(args.metadata) if getattr(args, "metadata", None) else None
+    if operation in ("add", "update"):
+        if operation == "add" and not (args.adapter or args.train):
+            raise ValueError("memory add needs --adapter DIR or --train FILE (with --model and --method)")
+        adapter, cleanup = _memory_adapter(args, store) if (args.adapter or args.train) else (None, lambda: None)
+        try:
+            if operation == "add":
+                result = store.add(args.namespace, args.text, adapter, tags=args.tags or (), metadata=metadata)
+            else:
+                result = store.update(args.id, text=args.text, tags=args.tags, adapter=adapter, metadata=metadata)
+        finally:
+            cleanup()
+    elif operation == "list":
+        result = store.list(args.namespace, include_deleted=args.all)
+    elif operation == "show":
+        result = store.get(args.id, args.version)
+    elif operation == "search":
+        result = store.search(args.query, args.namespace, args.k)
+    elif operation in ("delete", "restore"):
+        result = getattr(store, operation)(args.id)
+    elif operation == "purge":
+        if not args.yes:
+            raise ValueError("purge removes every version and its files for good; pass --yes")
+        result = store.purge(args.id)
+    elif operation == "rollback":
+        result = store.rollback(args.id, args.version)
+    elif operation == "audit":
+        result = store.collect_garbage() if args.collect_garbage else store.audit()
+    elif operation == "export":
+        result = store.export(args.namespace, args.folder, overwrite=args.overwrite)
+    elif operation == "import":
+        result = store.import_(args.folder)
+    else:
+        result = _serve(args, store)
+    _print_json(result)
+    _write_report(args.out, result)
+    return 1 if operation == "audit" and not args.collect_garbage and not result["ok"] else 0
+
+
+def _serve(args, store) -> dict:
+    from .data import load_examples
+    from .serving import MemoryServer
+
+    tokenizer = _load_tokenizer(args)
+    examples = load_examples(args.data, tokenizer, args.chat_template) if args.operation == "eval" else None
+    server = MemoryServer(_load_model(args), store, args.namespace, args.k, args.weighting, args.budget)
+    if args.operation == "generate":
+        return server.generate(tokenizer, args.query, args.prompt, args.max_new_tokens)
+    return server.evaluate(tokenizer, examples, args.query)
+
+
+def _add_memory_parser(commands) -> None:
+    memory = commands.add_parser("memory", help="versioned, audited adapter memories: add, search, serve, ...")
+    operations = memory.add_subparsers(dest="operation", required=True)
+
+    def operation(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = operations.add_parser(name, help=help_text)
+        command.add_argument("--store", required=True, help="the store folder (created on first use)")
+        command.add_argument("--out", help="also write the JSON output here")
+        command.set_defaults(handler=_memory)
+        return command
+
+    for name in ("add", "update"):
+        command = operation(name, f"{name} a memory: register --adapter DIR or fit one with --train")
+        if name == "add":
+            command.add_argument("--namespace", required=True)
+            command.add_argument("--text", required=True, help="what the memory is about (what search matches)")
+        else:
+            command.add_argument("id")
+            command.add_argument("--text")
+        command.add_argument("--tags", nargs="+")
+        command.add_argument("--metadata", help="a JSON object")
+        command.add_argument("--adapter", help="an adapter folder to register (copied into the store)")
+        _add_model_options(command, required=False)
+        _add_fit_options(command, required=False)
+    listing = operation("list", "current memories (deleted ones with --all)")
+    listing.add_argument("--namespace")
+    listing.add_argument("--all", action="store_true")
+    show = operation("show", "one memory at its current or a given version")
+    show.add_argument("id")
+    show.add_argument("--version", type=int)
+    search = operation("search", "memories ranked for a query (BM25 over text and tags)")
+    search.add_argument("query")
+    search.add_argument("--namespace")
+    search.add_argument("-k", type=int, default=5)
+    for name, help_text in (("delete", "soft delete"), ("restore", "undo a soft delete"),
+                            ("purge", "remove every version and its files for good")):
+        command = operation(name, help_text)
+        command.add_argument("id")
+        if name == "purge":
+            command.add_argument("--yes", action="store_true")
+    rollback = operation("rollback", "make an earlier version current again (validated first)")
+    rollback.add_argument("id")
+    rollback.add_argument("--version", type=int, required=True)
+    audit = operation("audit", "verify the event chain, the tables, files and hashes (exit 1 on problems)")
+    audit.add_argument("--collect-garbage", action="store_true", help="remove unreferenced leftovers instead")
+    export = operation("export", "write a namespace and its adapters to a folder")
+    export.add_argument("--namespace", required=True)
+    export.add_argument("folder")
+    export.add_argument("--overwrite", action="store_true")
+    importing = operation("import", "add the memories of an exported folder")
+    importing.add_argument("folder")
+    for name in ("generate", "eval"):
+        command = operation(name, "retrieve, compose and attach memories for each request, then " +
+                            ("generate" if name == "generate" else "score a JSONL file against the base model"))
+        _add_model_options(command)
+        command.add_argument("--namespace")
+        command.add_argument("-k", type=int, default=3, help="memories composed per request")
+        command.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
+        command.add_argument("--budget", type=float, help="log-gate bound of the composition")
+        command.add_argument("--chat-template", default="auto", choices=("auto", "none"))
+        if name == "generate":
+            command.add_argument("--query", required=True)
+            command.add_argument("--prompt", help="what to complete (default: the query)")
+            command.add_argument("--max-new-tokens", type=int, default=32)
+        else:
+            command.add_argument("--data", required=True)
+            command.add_argument("--query", help="one query for every row (default: each row's prompt)")
+
+
+# -- parser -----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-ext", description="Adapter families for Hugging Face PEFT.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="fit an adapter on JSONL data and save it with provenance and a model card")
+    _add_model_options(fit)
+    _add_fit_options(fit, required=True)
+    fit.add_argument("--out", required=True, help="adapter folder to write (must not exist or be empty)")
+    fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is complete")
+    fit.add_argument("--report", help="also write the fit report here")
     fit.set_defaults(handler=_fit)
 
     evaluate = commands.add_parser("eval", help="completion NLL and exact match, or multiple-choice accuracy")
@@ -481,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--no-compress", action="store_true")
     bake.add_argument("--overwrite", action="store_true")
     bake.set_defaults(handler=_bake)
+
+    _add_memory_parser(commands)
 
     demo = commands.add_parser("demo", help="steer a tiny model with a log-gate controller, offline (~1 min on CPU)")
     demo.add_argument("--out-dir", help="where the base model and adapter are written (default: a temp dir)")
