@@ -9,15 +9,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import to_device
-from .tuners.common import ADAPTER_DTYPE, module_device, resolve_adapter, tuner_of
+from .tuners.common import ADAPTER_DTYPE, all_reduce_sum, module_device, resolve_adapter, tuner_of
 from .tuners.modulated import coefficient
 from .tuners.mpissa import MPissaLayer, MPissaModel
 
 
 @torch.no_grad()
 def _input_moments(tuner, layers: dict, decompositions: dict, batches, progress: bool, desc: str) -> dict:
-    """Per layer: (E[p], E[p²]) of the projections ``p = V x`` of the layer inputs on non-padding tokens."""
-    sums = {name: [0, 0.0, 0.0] for name in layers}
+    """Per layer: (E[p], E[p²]) of the projections ``p = V x`` of the layer inputs on non-padding tokens (of every rank's
+    batches in a data-parallel job: the sums are all-reduced)."""
+    # per layer: [token count, Σp, Σp²] in fp64, one flat vector so that a data-parallel job reduces it in one call
+    sums = {name: torch.zeros(1 + 2 * decompositions[name][2].shape[0], dtype=torch.float64) for name in layers}
     current = {}
 
     def hook(name):
@@ -28,10 +30,9 @@ def _input_moments(tuner, layers: dict, decompositions: dict, batches, progress:
             mask = current.get("attention_mask")
             if mask is not None and mask.numel() == x.shape[0]:
                 x = x[mask.reshape(-1).bool()]
-            p = x @ vh.T
-            sums[name][0] += p.shape[0]
-            sums[name][1] = sums[name][1] + p.sum(0)
-            sums[name][2] = sums[name][2] + (p * p).sum(0)
+            p = (x @ vh.T).double()
+            sums[name] += torch.cat([torch.tensor([p.shape[0]], dtype=torch.float64, device=p.device), p.sum(0),
+                                     (p * p).sum(0)]).cpu()
 
         return record
 
@@ -45,9 +46,15 @@ def _input_moments(tuner, layers: dict, decompositions: dict, batches, progress:
     finally:
         for handle in handles:
             handle.remove()
-    if any(count == 0 for count, _, _ in sums.values()):
+    sums = {name: all_reduce_sum(vector) for name, vector in sums.items()}
+    if any(vector[0] == 0 for vector in sums.values()):
         raise ValueError(f"calibration saw no tokens ({desc}); pass non-empty batches")
-    return {name: (total / count, squares / count) for name, (count, total, squares) in sums.items()}
+    moments = {}
+    for name, vector in sums.items():
+        count, (total, squares) = vector[0], vector[1:].chunk(2)
+        device = decompositions[name][2].device
+        moments[name] = ((total / count).to(ADAPTER_DTYPE).to(device), (squares / count).to(ADAPTER_DTYPE).to(device))
+    return moments
 
 
 def calibrate(

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .io import write_json
@@ -49,9 +50,12 @@ def fingerprint(model: nn.Module) -> dict:
         kept.update(id(p) for p in output.parameters())
     weights = hashlib.sha256()
     for name, param in model.named_parameters():
-        if param.is_floating_point() and (param.dim() == 1 or id(param) in kept):
+        shape = getattr(param, "ds_shape", param.shape)  # DeepSpeed ZeRO-3 keeps a shard; ds_shape is the full shape
+        if param.is_floating_point() and (len(shape) == 1 or id(param) in kept):
+            with gather_params_ctx(param, modifier_rank=None):
+                values = param.detach().to(torch.bfloat16).cpu().contiguous()
             weights.update(name.encode())
-            weights.update(param.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().tobytes())
+            weights.update(values.view(torch.int16).numpy().tobytes())
     return {"architecture": shapes.hexdigest(), "weights": weights.hexdigest()}
 
 

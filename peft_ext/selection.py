@@ -1,9 +1,10 @@
 """Choose which log-gates a sparse controller may train.
 
 At ``s = 0`` the gradient of the loss with respect to a gate is ``dL/ds = Σ_t g_t ⊙ h_t`` (``g_t`` the gradient at the
-block output, ``h_t`` the output itself); summed over ``score_batches`` batches it is the first-order loss change per
-unit of log-gate, so the gates with the largest ``|dL/ds|`` are kept. Because ``ds/draw = bound`` at ``raw = 0``, the
-gradient with respect to ``raw`` is used directly and divided by the bound.
+block output, ``h_t`` the output itself); summed over ``score_batches`` batches (and over the ranks of a data-parallel
+job) it is the first-order loss change per unit of log-gate, so the gates with the largest ``|dL/ds|`` are kept.
+Because ``ds/draw = bound`` at ``raw = 0``, the gradient with respect to ``raw`` is used directly and divided by the
+bound.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import to_device
-from .tuners.common import module_device, resolve_adapter, tuner_of
+from .tuners.common import all_reduce_sum, module_device, resolve_adapter, tuner_of
 from .tuners.loggate import LogGateModel
 from .tuners.loggate.config import SELECTION_STRATEGIES
 
@@ -46,6 +47,8 @@ def _gradient_scores(tuner, layers, adapter_name: str, batches, score_batches: i
         for raw, flag in zip(raws, requires_grad):
             raw.requires_grad_(flag)
         tuner.model.train(was_training)
+    total = all_reduce_sum(total)  # data-parallel: every rank scores its shard, all select from the sum
+    used = int(all_reduce_sum(torch.tensor([used], dtype=torch.float64)).item())
     if used == 0:
         raise ValueError("gate selection got no batches to score")
     bounds = torch.tensor([layer.loggate_bound[adapter_name] for _, layer in layers]).unsqueeze(1)

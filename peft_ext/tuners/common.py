@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import gather_params_ctx
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -147,4 +148,21 @@ def dequantized_weight(tuner_layer) -> torch.Tensor:
 
         data, restored = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
         return dequantize_4bit(data, restored)
-    return BaseTunerLayer.get_base_weight(tuner_layer)
+    # under DeepSpeed ZeRO-3 each rank holds a shard: gather the full weight and copy it before it is released
+    with gather_params_ctx(weight, modifier_rank=None):
+        return BaseTunerLayer.get_base_weight(tuner_layer).detach().clone()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks of the default process group (unchanged without one), on its own device.
+
+    Statistics that choose adapter parameters from data (gate scores, PiSSA moments) go through this, so every rank of a
+    data-parallel job chooses the same gates and directions from its own shard.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    reduced = tensor.to(device).clone()
+    torch.distributed.all_reduce(reduced)
+    return reduced.to(tensor.device)
