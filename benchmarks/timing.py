@@ -65,3 +65,28 @@ def environment(device: str) -> dict:
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
     }
+
+
+def step_memory(model, ids: torch.Tensor) -> dict:
+    """Memory of one training step: the bytes autograd saves for backward (activations) and the trainable state
+    (parameters + gradients + AdamW's two moments); on CUDA also the allocator's peak. In MiB."""
+    saved: dict[tuple, int] = {}
+
+    def pack(tensor):
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        saved[key] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    if ids.is_cuda:
+        torch.cuda.reset_peak_memory_stats(ids.device)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    report = {"saved_activations_mib": sum(saved.values()) / 2**20, "trainable_state_mib": 4 * trainable / 2**20}
+    if ids.is_cuda:
+        report["cuda_peak_mib"] = torch.cuda.max_memory_allocated(ids.device) / 2**20
+    return report

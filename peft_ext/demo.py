@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from .data import Example, cycle, evaluate, load_examples, make_batches
+from .data import Example, cycle, evaluate, load_examples, make_batches, to_device
 from .fit import fit
 from .io import atomic_write, write_json
 from .selection import select_gates
@@ -38,19 +38,23 @@ def make_words(count: int, seed: int) -> list[str]:
     return sorted(words, key=lambda _: rng.random())
 
 
-def pretrain_base(directory: Path, tokenizer, words: list[str], steps: int, seed: int) -> None:
-    """Train every weight of the tiny model on the 50/50 case mixture and save it (the 'pre-trained' base)."""
+def pretrain_base(directory: Path, tokenizer, words: list[str], steps: int, seed: int, separators: str = ":",
+                  model=None) -> None:
+    """Train every weight of ``model`` (default: the tiny Llama) on ``"word<sep>"`` -> ``" word"`` or ``" WORD"``
+    (50/50, for each separator) and save it with the tokenizer: the 'pre-trained' base."""
     rng = random.Random(seed)
-    mixture = [Example(f"{w}:", " " + (w.upper() if rng.random() < 0.5 else w)) for w in words for _ in range(2)]
-    model = build_model("tiny-llama", seed=seed)
+    mixture = [Example(f"{w}{sep}", " " + (w.upper() if rng.random() < 0.5 else w))
+               for w in words for sep in separators for _ in range(2)]
+    model = model if model is not None else build_model("tiny-llama", seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    device = next(model.parameters()).device
     for batch, _ in zip(cycle(make_batches(tokenizer, mixture, 32)), range(steps)):
-        loss = model(**batch).loss
+        loss = model(**to_device(batch, device)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.save_pretrained(directory)
+    model.cpu().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
