@@ -52,7 +52,8 @@ def main() -> None:
             row[f"{processes}_process"] = run(family, extra, processes, args.steps, 29700 + 2 * index + processes)
         row["examples_speedup"] = row["2_process"]["examples_per_second"] / row["1_process"]["examples_per_second"]
         rows.append(row)
-    write_json(args.out, {**environment("cpu"), "threads_per_process": 1, "steps": args.steps,
+    write_json(args.out, {**environment("cpu"), "dtype": "float32", "seed": 0, "threads_per_process": 1,
+                          "steps": args.steps,
                           "batch_per_process": BATCH, "rows": rows})
     print(f"{'family':<8}{'mode':<7}{'1 proc steps/s':>16}{'2 proc steps/s':>16}{'examples/s speed-up':>21}")
     for row in rows:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from timing import environment
+
 from peft_ext import ModulatedLoraConfig, add_round, bake, reference
 from peft_ext.data import Example, cycle, evaluate, make_batches
 from peft_ext.demo import make_words, pretrain_base
@@ -120,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         report = run(Path(workdir), steps=args.steps, kl_weight=args.kl_weight, seed=args.seed)
-    write_json(args.out, report)
+    write_json(args.out, {**environment("cpu"), "dtype": "float32", **report})
     print(format_table(report))
     print(f"wrote {args.out}")
 

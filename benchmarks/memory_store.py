@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = (100, 2000) if args.quick else (100, 10000)
     rng = random.Random(0)
-    report = {**environment("cpu"), "sizes": {}, "distinct_adapters": DISTINCT_ADAPTERS}
+    report = {**environment("cpu"), "dtype": "float32", "seed": 0, "sizes": {}, "distinct_adapters": DISTINCT_ADAPTERS}
     with tempfile.TemporaryDirectory() as workdir:
         adapters = make_adapters(Path(workdir))
         store = MemoryStore(Path(workdir) / "store")

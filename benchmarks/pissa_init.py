@@ -16,8 +16,10 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from peft_ext.io import write_json
+from timing import environment
+
 from peft_ext import ModulatedPissaConfig
+from peft_ext.io import write_json
 
 
 class DownProj(nn.Module):
@@ -49,7 +51,7 @@ def main() -> None:
         no_cache = [init_seconds(weight, None) for _ in range(args.repeats)]
         first = init_seconds(weight, cache)  # computes and writes the cache file
         hits = [init_seconds(weight, cache) for _ in range(args.repeats)]
-    report = {"weight_shape": [896, 4864], "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {**environment("cpu"), "dtype": "float32", "seed": 0, "weight_shape": [896, 4864],
               "svd_seconds": no_cache, "cache_write_seconds": first, "cache_hit_seconds": hits,
               "median_svd_seconds": statistics.median(no_cache), "median_cache_hit_seconds": statistics.median(hits)}
     write_json(args.out, report)

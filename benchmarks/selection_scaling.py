@@ -5,7 +5,7 @@ keeps 5% of the gates by ``|Σ dL/ds|`` over 1, 2, 4, 8, 16 and 32 batches. Repo
 the overlap (Jaccard) of each selection with the one from 32 batches, which shows how many batches the scores need
 to settle.
 
-    python benchmarks/selection_scaling.py
+    python benchmarks/selection_scaling.py [--device cuda]
 """
 
 from __future__ import annotations
@@ -26,21 +26,23 @@ from peft_ext.io import write_json
 BATCH_COUNTS = (1, 2, 4, 8, 16, 32)
 
 
-def selection(model_state, config, batches, count: int) -> tuple[float, torch.Tensor]:
+def selection(model_state, config, batches, count: int, device: str) -> tuple[float, torch.Tensor]:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(model_state)
+    model.to(device)
     num_gates = config.num_hidden_layers * config.hidden_size // 20
     peft = get_peft_model(model.eval(), GateConfig(num_gates=num_gates))
     start = time.perf_counter()
     select_gates(peft, batches, score_batches=count, progress=False)
     seconds = time.perf_counter() - start
-    mask = torch.cat([t for name, t in sorted(peft.state_dict().items()) if "loggate_mask" in name])
+    mask = torch.cat([t.cpu() for name, t in sorted(peft.state_dict().items()) if "loggate_mask" in name])
     return seconds, mask
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/selection_scaling.json")
     args = parser.parse_args()
     config = base_config("small")
@@ -55,13 +57,13 @@ def main() -> None:
     for count in BATCH_COUNTS:
         timings = []
         for _ in range(args.repeats):
-            seconds, masks[count] = selection(state, config, batches, count)
+            seconds, masks[count] = selection(state, config, batches, count, args.device)
             timings.append(seconds)
         rows[count] = {"median_seconds": statistics.median(timings), "samples_seconds": timings}
     reference = masks[max(BATCH_COUNTS)]
     for count, row in rows.items():
         row["jaccard_with_32"] = float((masks[count] & reference).sum() / (masks[count] | reference).sum())
-    write_json(args.out, {**environment("cpu"), "dtype": "float32", "seed": 0, "gates": int(reference.sum()),
+    write_json(args.out, {**environment(args.device), "dtype": "float32", "seed": 0, "gates": int(reference.sum()),
                           "capacity": reference.numel(), "batch": [8, 64], "rows": rows})
     print(f"{'batches':>8}{'seconds':>10}{'Jaccard vs 32':>15}")
     for count, row in rows.items():

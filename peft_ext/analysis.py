@@ -14,17 +14,19 @@ from typing import Optional
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.lora import LoraLayer
 
 from .bake import BAKEABLE_TYPES, RoundError, fold_round
 from .compose import delta_inner, plan_lowrank, saved_gate_values
 from .io import atomic_write
 from .loading import SavedAdapter, read_adapter_files
 from .provenance import read_provenance
+from .tuners import FAMILIES
 from .tuners.common import find_decoder_blocks
 
-# tensors that train, per adapter type (names inside the saved keys)
-TRAINABLE_TENSORS = {"LOGGATE": ("loggate_raw",), "MLORA": ("mlora_A", "mlora_B"),
-                     "MPISSA": ("mpissa_delta_s",), "LORA": ("lora_A", "lora_B"), "HBAKE": ()}
+# tensors that train, per adapter type (names inside the saved keys): what each tuner layer declares
+TRAINABLE_TENSORS = {name: model_cls.tuner_layer_cls.adapter_layer_names for name, _, model_cls in FAMILIES}
+TRAINABLE_TENSORS["LORA"] = LoraLayer.adapter_layer_names
 FAMILY_NAMES = {"LOGGATE": "log-gate controller", "MLORA": "modulated LoRA", "MPISSA": "modulated PiSSA",
                 "HBAKE": "history bake", "LORA": "LoRA"}
 SATURATION = 0.99  # a gate with |s| >= SATURATION * max_log_gate sits at its bound

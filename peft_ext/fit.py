@@ -16,6 +16,10 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from .data import cycle, evaluate, to_device
+from .pissa import calibrate
+from .selection import select_gates
+from .tuners.loggate import GateConfig
+from .tuners.mpissa import ModulatedPissaConfig
 
 
 def fit(
@@ -110,11 +114,6 @@ def fit_adapter(
     match before and after on (up to ``TRAIN_EVAL_BATCHES`` of) the training batches and on ``eval_batches``, the
     selection and training times, the loss curve, and peak memory.
     """
-    from .pissa import calibrate
-    from .selection import select_gates
-    from .tuners.loggate import GateConfig
-    from .tuners.mpissa import ModulatedPissaConfig
-
     torch.manual_seed(seed)
     model = get_peft_model(base_model, config)
     device = next(model.parameters()).device
