@@ -35,7 +35,9 @@ def make_words(count: int, seed: int) -> list[str]:
     words: set[str] = set()
     while len(words) < count:
         words.add("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))))
-    return sorted(words, key=lambda _: rng.random())
+    ordered = sorted(words)  # a set's order changes with each process's string hashing: sort before shuffling
+    rng.shuffle(ordered)
+    return ordered
 
 
 def pretrain_base(directory: Path, tokenizer, words: list[str], steps: int, seed: int, separators: str = ":",

@@ -1,6 +1,7 @@
 """The README's quickstart and demo command work as written."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -54,3 +55,11 @@ def test_demo_command(tmp_path):
     assert rows["64 gradient gates"]["nll"] < rows["base"]["nll"]
     assert rows["64 gradient gates"]["exact_match"] > rows["base"]["exact_match"]
     assert rows["64 gradient gates, 4-bit base"]["exact_match"] > rows["base, 4-bit"]["exact_match"]
+
+
+def test_demo_words_are_the_same_in_every_process():
+    """Set iteration order follows each process's string hashing; the demo's train/held-out split must not."""
+    code = "from peft_ext.demo import make_words; print(','.join(make_words(360, 0)))"
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1 and len(outputs.pop().split(",")) == 360
