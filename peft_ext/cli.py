@@ -68,9 +68,9 @@ def _attach(model, adapter: str, strict: bool):
 
 
 def _recorded_base(adapter: str) -> str:
-    from .loading import read_adapter_files
+    from .loading import read_adapter_config
 
-    base = read_adapter_files(adapter).config.get("base_model_name_or_path")
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter} does not record its base model; pass --model")
     return base
@@ -211,9 +211,9 @@ def _generate(args) -> int:
 # -- compose ----------------------------------------------------------------------------------------------------------
 def _composition_kind(adapters: list[str]) -> str:
     from .bake import BAKEABLE_TYPES
-    from .loading import read_adapter_files
+    from .loading import read_adapter_config
 
-    types = {read_adapter_files(a).peft_type for a in adapters}
+    types = {read_adapter_config(a).get("peft_type", "?") for a in adapters}
     if types == {"LOGGATE"}:
         return "gates"
     if types <= set(BAKEABLE_TYPES):

@@ -73,16 +73,28 @@ def _adapter_paths(source: str) -> tuple[Path, Path]:
         raise AdapterFileError(f"{source}: could not fetch the adapter from the Hub ({error})") from error
 
 
-def read_adapter_files(source: str | Path) -> SavedAdapter:
-    """Config and tensors of a saved adapter (folder or Hub id), without a model; safetensors only."""
-    source = str(source)
-    config_path, weights_path = _adapter_paths(source)
+def _read_config(source: str, config_path: Path) -> dict:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
         raise AdapterFileError(f"{source}: {CONFIG_NAME} cannot be read as JSON ({error})") from error
     if not isinstance(config, dict):
         raise AdapterFileError(f"{source}: {CONFIG_NAME} is not a JSON object")
+    return config
+
+
+def read_adapter_config(source: str | Path) -> dict:
+    """The ``adapter_config.json`` of a saved adapter, checked like :func:`read_adapter_files` but without reading
+    the weights (for questions about type or base model)."""
+    source = str(source)
+    return _read_config(source, _adapter_paths(source)[0])
+
+
+def read_adapter_files(source: str | Path) -> SavedAdapter:
+    """Config and tensors of a saved adapter (folder or Hub id), without a model; safetensors only."""
+    source = str(source)
+    config_path, weights_path = _adapter_paths(source)
+    config = _read_config(source, config_path)
     try:
         with safe_open(weights_path, framework="pt") as saved:
             tensors = {key: saved.get_tensor(key) for key in saved.keys()}
