@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .tuners.common import tuner_of
+from .tuners.common import check_adapter_name, tuner_of
 from .tuners.loggate import LogGateModel
 from .tuners.loggate.layer import log_gates
 
@@ -135,6 +135,7 @@ def compose_gates(
     (``model.set_adapter(adapter_name)``). Refuses when the plan has blocking problems unless ``force=True``. The plan
     gains ``max_reconstruction_error``: the largest ``|s_written - s_target|`` after the fp32 round trip through tanh.
     """
+    check_adapter_name(adapter_name)
     tuner = tuner_of(model, LogGateModel, "log-gate")
     if adapter_name in tuner.peft_config:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name")

@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, fresh
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
 from torch import nn
 
-from peft_ext import GateConfig, compose_gates, plan_composition, select_gates
+from peft_ext import GateConfig, ModulatedLoraConfig, compose_gates, plan_composition, select_gates
 from peft_ext.data import evaluate
 from peft_ext.fit import fit
 from peft_ext.tuners.loggate import LogGateLayer
@@ -430,3 +431,22 @@ def test_composition_refuses_blocking_plans_unless_forced():
     assert plan["clipped_fraction"] == 1.0
     with pytest.raises(ValueError, match="unknown adapters"):
         plan_composition(model, ["nope"], [1.0])
+
+
+@pytest.mark.parametrize("config", [GateConfig(num_gates=8), ModulatedLoraConfig(r=2)], ids=["gates", "mlora"])
+def test_adapter_names_with_a_dot_are_refused_before_anything_changes(config):
+    base = fresh()
+    with torch.no_grad():
+        expected = base(torch.arange(8)[None]).logits
+    with pytest.raises(ValueError, match="'a.b' cannot be used.*'a_b'"):
+        get_peft_model(base, config, adapter_name="a.b")
+    with torch.no_grad():
+        assert torch.equal(base(torch.arange(8)[None]).logits, expected)
+    assert not any(isinstance(module, BaseTunerLayer) for module in base.modules())
+
+
+def test_composition_refuses_a_dotted_name_and_leaves_the_config_alone():
+    model = get_peft_model(fresh(), GateConfig(max_log_gate=0.1))
+    with pytest.raises(ValueError, match="'w0.5' cannot be used"):
+        compose_gates(model, ["default"], [0.5], adapter_name="w0.5")
+    assert list(model.peft_config) == ["default"]

@@ -84,6 +84,16 @@ def validate_layers_spec(layers: str | Sequence[int]) -> None:
         raise ValueError(f"layers={layers!r}: block indices must be integers")
 
 
+def check_adapter_name(adapter_name: str) -> None:
+    """Refuse a name torch cannot use as a key of the adapters' ``ParameterDict``/``ModuleDict``, before anything is
+    wrapped."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(
+            f"adapter name {adapter_name!r} cannot be used: it must be a non-empty string without '.', since torch "
+            f"parameter names cannot contain one; use e.g. {str(adapter_name).replace('.', '_') or 'default'!r}"
+        )
+
+
 def tuner_of(model: nn.Module, tuner_cls: type, family: str):
     """The ``tuner_cls`` tuner of a ``PeftModel`` (or the tuner itself); a clear error for any other model."""
     tuner = model if isinstance(model, tuner_cls) else getattr(model, "base_model", None)

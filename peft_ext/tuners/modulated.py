@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from .common import ADAPTER_DTYPE, dequantized_weight, find_decoder_blocks, resolve_adapter, tuner_of
+from .common import ADAPTER_DTYPE, check_adapter_name, dequantized_weight, find_decoder_blocks, resolve_adapter, tuner_of
 
 
 @dataclass
@@ -187,6 +187,7 @@ class ModulatedTuner(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self._band = None
         if getattr(config, "layer_range", None) is not None:

@@ -6,7 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from ..common import find_decoder_blocks, parse_layers
+from ..common import check_adapter_name, find_decoder_blocks, parse_layers
 from .layer import NOT_MERGEABLE, LogGateBlock, LogGateLayer
 
 
@@ -46,6 +46,7 @@ class LogGateModel(BaseTuner):
         return peft_config  # targets are resolved structurally in inject_adapter
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         if config.target_modules is None:
             path, blocks = find_decoder_blocks(model)
