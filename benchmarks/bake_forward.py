@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from overhead import SHAPES, base_config
 from peft import PeftModel, get_peft_model
-from timing import environment, interleaved, summarize
+from timing import environment, interleaved, result_path, summarize
 from transformers import AutoModelForCausalLM
 
 from peft_ext import ModulatedLoraConfig, bake, set_coefficient
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--out", default="benchmarks/results/bake_forward.json")
+    parser.add_argument("--out", default=result_path("bake_forward"))
     args = parser.parse_args()
     repeats = 10 if args.quick else 40
     _, _, batch, length = SHAPES[args.shape]

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from timing import environment
+from timing import environment, result_path
 
 from peft_ext.io import write_json
 
@@ -43,7 +43,7 @@ def run(family: str, extra: tuple, processes: int, steps: int, port: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", default="benchmarks/results/ddp_scaling.json")
+    parser.add_argument("--out", default=result_path("ddp_scaling"))
     args = parser.parse_args()
     rows = []
     for index, (family, extra) in enumerate(RUNS):

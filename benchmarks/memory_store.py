@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from timing import environment
+from timing import environment, result_path
 
 from peft_ext import GateConfig
 from peft_ext.io import write_json
@@ -60,7 +60,7 @@ def search_latency(store: MemoryStore, rng: random.Random, repeats: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/memory_store.json")
+    parser.add_argument("--out", default=result_path("memory_store"))
     args = parser.parse_args()
     sizes = (100, 2000) if args.quick else (100, 10000)
     rng = random.Random(0)

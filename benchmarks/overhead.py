@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model
-from timing import environment, interleaved, step_memory, summarize
+from timing import environment, interleaved, result_path, step_memory, summarize
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_ext import GateConfig, ModulatedLoraConfig, ModulatedPissaConfig, bake, select_gates
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--out", default="benchmarks/results/overhead.json")
+    parser.add_argument("--out", default=result_path("overhead"))
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     repeats = 15 if args.quick else 50

@@ -16,7 +16,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from timing import environment
+from timing import environment, result_path
 
 from peft_ext import ModulatedPissaConfig
 from peft_ext.io import write_json
@@ -43,7 +43,7 @@ def init_seconds(weight: torch.Tensor, cache_dir: str | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/pissa_init.json")
+    parser.add_argument("--out", default=result_path("pissa_init"))
     args = parser.parse_args()
     torch.manual_seed(0)
     weight = torch.randn(896, 4864) / 4864**0.5

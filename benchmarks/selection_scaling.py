@@ -17,7 +17,7 @@ import time
 import torch
 from overhead import base_config
 from peft import get_peft_model
-from timing import environment
+from timing import environment, result_path
 from transformers import AutoModelForCausalLM
 
 from peft_ext import GateConfig, select_gates
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/selection_scaling.json")
+    parser.add_argument("--out", default=result_path("selection_scaling"))
     args = parser.parse_args()
     config = base_config("small")
     torch.manual_seed(0)

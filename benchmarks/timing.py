@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import bitsandbytes
 import peft
@@ -12,6 +13,11 @@ import torch
 import transformers
 
 import peft_ext
+
+
+def result_path(name: str) -> str:
+    """``benchmarks/results/<name>.json``, wherever the script is run from: the default of every ``--out``."""
+    return str(Path(__file__).resolve().parent / "results" / f"{name}.json")
 
 
 def time_once(model, ids: torch.Tensor, train: bool) -> float:
