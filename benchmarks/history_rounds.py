@@ -1,6 +1,7 @@
 """Three training rounds on a tiny model, each kept in a history bake while the next round trains on top.
 
-The base (``configs/tiny-llama.json``) is pre-trained briefly to echo words in either case after ``:``. Round 1 steers
+The base is the demo's: ``configs/tiny-llama.json`` pre-trained briefly to copy words after ``:``, in upper case in 20%
+of rows (``peft_ext.demo.copy_mixture``). Round 1 steers
 ``word:`` to `` WORD``, round 2 teaches ``word=`` -> `` word``, round 3 ``word;`` -> `` WORD``. Round k trains a modulated
 LoRA adapter on top of the bake of rounds 1..k-1 with completion NLL plus ``kl_weight`` times KL(reference || model) on
 the earlier rounds' prompts, the reference being ``peft_ext.reference(model, include_history=True)``. The round is
@@ -21,11 +22,11 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from timing import environment
+from timing import environment, result_path
 
 from peft_ext import ModulatedLoraConfig, add_round, bake, reference
 from peft_ext.data import Example, cycle, evaluate, make_batches
-from peft_ext.demo import make_words, pretrain_base
+from peft_ext.demo import PRETRAIN_STEPS, copy_mixture, pretrain_base, split_words
 from peft_ext.io import write_json
 from peft_ext.tiny import char_tokenizer
 
@@ -62,12 +63,10 @@ def train_round(model, task_batches: list[dict], retain_batches: list[dict], ste
     model.eval()
 
 
-def run(workdir: Path, steps: int = 120, lr: float = 1e-2, kl_weight: float = 1.0, pretrain_steps: int = 400,
-        seed: int = 0) -> dict:
+def run(workdir: Path, steps: int = 120, lr: float = 1e-2, kl_weight: float = 1.0, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     tokenizer = char_tokenizer()
-    words = make_words(360, seed)  # the demo's split: enough distinct words for the base to learn to copy
-    train_words, held_words = words[:300], words[300:]
+    pretrain_words, train_words, held_words = split_words(seed)  # the demo's split
 
     def batches(task: str, chosen: list[str]) -> list[dict]:
         separator, complete = TASKS[task]
@@ -75,7 +74,7 @@ def run(workdir: Path, steps: int = 120, lr: float = 1e-2, kl_weight: float = 1.
 
     train = {task: batches(task, train_words) for task in TASKS}
     held = {task: batches(task, held_words) for task in TASKS}
-    pretrain_base(workdir / "base", tokenizer, train_words, steps=pretrain_steps, seed=seed)
+    pretrain_base(workdir / "base", tokenizer, copy_mixture(pretrain_words, seed), steps=PRETRAIN_STEPS, seed=seed)
     load = lambda: AutoModelForCausalLM.from_pretrained(workdir / "base").eval()  # noqa: E731
     accuracy = lambda model: {task: evaluate(model, held[task])["exact_match"] for task in TASKS}  # noqa: E731
     report = {"steps": steps, "lr": lr, "kl_weight": kl_weight, "seed": seed, "base": accuracy(load()), "runs": {}}
@@ -104,12 +103,12 @@ def run(workdir: Path, steps: int = 120, lr: float = 1e-2, kl_weight: float = 1.
 
 
 def format_table(report: dict) -> str:
-    header = f"{'':<34}" + "".join(f"{task:>18}" for task in TASKS)
-    lines = [header, f"{'base':<34}" + "".join(f"{report['base'][t]:>18.1%}" for t in TASKS)]
+    header = f"{'':<46}" + "".join(f"{task:>18}" for task in TASKS)
+    lines = [header, f"{'base':<46}" + "".join(f"{report['base'][t]:>18.1%}" for t in TASKS)]
     for label, rows in report["runs"].items():
         for row in rows:
             name = f"{label}, bake of rounds 1-{row['after_round']}"
-            lines.append(f"{name:<34}" + "".join(f"{row['exact_match'][t]:>18.1%}" for t in TASKS))
+            lines.append(f"{name:<46}" + "".join(f"{row['exact_match'][t]:>18.1%}" for t in TASKS))
     return "\n".join(lines)
 
 
@@ -118,7 +117,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/history_rounds.json")
+    parser.add_argument("--out", default=result_path("history_rounds"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         report = run(Path(workdir), steps=args.steps, kl_weight=args.kl_weight, seed=args.seed)

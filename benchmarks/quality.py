@@ -1,12 +1,16 @@
 """Adaptation quality on a learnable task with a held-out split, and composition of two controllers, over seeds.
 
-Base: a Llama-shaped model pre-trained (every weight, once, seed 0) to echo a word after ``:`` or ``=`` in either
-case, 50/50. Task A: ``word:`` -> `` WORD`` (always upper case); task B: ``word=`` -> `` word`` (always lower case);
-300 training words, 60 held-out words the base never saw. Each method is fitted on task A with AdamW for ``--steps``
-steps: gradient-selected gates at each count of the sweep, random gates at the same counts (the control), dense gates
-(every gate trainable), PEFT LoRA r8 all-linear and modulated LoRA r8 all-linear. Composition: a gradient-gate
-controller for A and one for B, composed with weights [1, 1] (``compose_gates``), scored on both tasks. Seeds change
-the adapters' initialisation, the random gates and the data order; the base and the split are the same.
+Base: a Llama-shaped model pre-trained (every weight, once, seed 0) to copy a word after ``:``, on 16,000 distinct
+words: `` word`` mostly, upper case in 20% of rows and with a leading ``*`` in 20% of rows, independently
+(``peft_ext.demo.copy_mixture``). It copies unseen words, and greedy decoding almost never picks a rare style. Task A:
+always `` WORD``; task B: always `` *word``; 300 training words and 200 held-out words, none seen in pre-training.
+Each method is fitted on task A with AdamW for ``--steps`` steps: gradient-selected gates at each count of the sweep,
+random gates at the same counts (the control), dense gates (every gate trainable), PEFT LoRA r8 all-linear and
+modulated LoRA r8 all-linear. Composition: a gradient-gate controller for A and one for B, composed with weights
+[1, 1] (``compose_gates``, with the default budget and with budget 1.0, which clips nothing), each scored on A, B and
+both at once (`` *WORD``); the control is one controller with as many gates as the two together, fitted on both at
+once. Seeds change the adapters' initialisation, the random gates and the data order; the base and the split are the
+same.
 
 Reported per method (mean and standard deviation over seeds): held-out exact match (greedy decoding reproduces the
 completion) and completion NLL, adaptation time (selection + fit) and the memory of one training step.
@@ -25,12 +29,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from timing import environment, step_memory
+from timing import environment, result_path, step_memory
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_ext import GateConfig, ModulatedLoraConfig, compose_gates, select_gates
 from peft_ext.data import Example, evaluate, make_batches
-from peft_ext.demo import make_words, pretrain_base
+from peft_ext.demo import copy_mixture, pretrain_base, split_words, styled
 from peft_ext.fit import fit
 from peft_ext.io import write_json
 from peft_ext.tiny import char_tokenizer, config_path
@@ -40,7 +44,7 @@ SHAPES = {  # name: (overrides of configs/tiny-llama.json, pre-training steps, g
     "full": ({"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
               "num_key_value_heads": 12, "head_dim": 64}, 3000, (512, 2048, 5000)),
 }
-TASKS = {"A": (":", str.upper), "B": ("=", str.lower)}
+TASKS = {"A": {"upper": True}, "B": {"starred": True}, "A and B": {"upper": True, "starred": True}}
 LEARNING_RATES = {"gates": 2e-2, "lora": 1e-2}
 
 
@@ -82,18 +86,16 @@ def summarize(values: list[float]) -> dict:
             "values": values}
 
 
-def run(shape: str, seeds: int, steps: int, workdir: Path, device: str) -> dict:
+def run(shape: str, seeds: int, steps: int, pretrain_steps: int, workdir: Path, device: str) -> dict:
     tokenizer = char_tokenizer()
-    words = make_words(360, 0)
-    train_words, held_words = words[:300], words[300:]
+    pretrain_words, train_words, held_words = split_words(0, train=300, held_out=200)
 
     def batches(task: str, chosen: list[str], seed=None) -> list[dict]:
-        separator, case = TASKS[task]
-        return make_batches(tokenizer, [Example(f"{w}{separator}", " " + case(w)) for w in chosen], 32, seed=seed)
+        return make_batches(tokenizer, [Example(f"{w}:", styled(w, **TASKS[task])) for w in chosen], 32, seed=seed)
 
     start = time.perf_counter()
-    pretrain_base(workdir / "base", tokenizer, train_words, steps=SHAPES[shape][1], seed=0, separators=":=",
-                  model=base_model(shape).to(device))
+    pretrain_base(workdir / "base", tokenizer, copy_mixture(pretrain_words, 0, p_upper=0.2, p_starred=0.2),
+                  steps=pretrain_steps, seed=0, model=base_model(shape).to(device))
     pretrain_seconds = time.perf_counter() - start
     load = lambda: AutoModelForCausalLM.from_pretrained(workdir / "base").to(device).eval()  # noqa: E731
     held = {task: batches(task, held_words) for task in TASKS}
@@ -102,7 +104,7 @@ def run(shape: str, seeds: int, steps: int, workdir: Path, device: str) -> dict:
     rows: dict[str, dict[str, list]] = {}
     composition: dict[str, dict[str, list]] = {}
     for seed in range(seeds):
-        train = {task: batches(task, train_words, seed=seed) for task in TASKS}
+        train = {task: batches(task, train_words, seed=seed) for task in ("A", "B")}
         for name, (factory, strategy) in methods(counts).items():
             model, seconds, memory = adapt(load, factory(), strategy, train["A"], steps, seed)
             result = evaluate(model, held["A"])
@@ -111,30 +113,39 @@ def run(shape: str, seeds: int, steps: int, workdir: Path, device: str) -> dict:
             row["nll"].append(result["nll"])
             row["seconds"].append(seconds)
             row["memory"].append(memory)
-        # composition: one gradient-gate controller per task, then both at once
+        # composition: one gradient-gate controller per task, both composed, and (the control) one controller with
+        # as many gates as both fitted on the joint task directly
         count = counts[1]
+
+        def score(model, label: str) -> None:
+            for task, task_batches in held.items():
+                entry = composition.setdefault(f"{label} on task {task}", {"exact_match": [], "nll": []})
+                result = evaluate(model, task_batches)
+                entry["exact_match"].append(result["exact_match"])
+                entry["nll"].append(result["nll"])
+
         with tempfile.TemporaryDirectory() as adapters:
-            for task in TASKS:
+            for task in train:
                 model, _, _ = adapt(load, GateConfig(num_gates=count, max_log_gate=0.5), "gradient", train[task],
                                     steps, seed)
                 model.save_pretrained(Path(adapters) / task)
             combined = PeftModel.from_pretrained(load(), Path(adapters) / "A", adapter_name="A")
             combined.load_adapter(Path(adapters) / "B", adapter_name="B")
             plan = compose_gates(combined, ["A", "B"], [1.0, 1.0], adapter_name="A+B")
-            for label in ("A", "B", "A+B"):
+            compose_gates(combined, ["A", "B"], [1.0, 1.0], budget=1.0, adapter_name="A+B, budget 1")  # no clipping
+            for label in ("A", "B", "A+B", "A+B, budget 1"):
                 combined.set_adapter(label)
-                for task in TASKS:
-                    entry = composition.setdefault(f"{label} on task {task}", {"exact_match": [], "nll": []})
-                    result = evaluate(combined, held[task])
-                    entry["exact_match"].append(result["exact_match"])
-                    entry["nll"].append(result["nll"])
+                score(combined, label)
+            joint, _, _ = adapt(load, GateConfig(num_gates=2 * count, max_log_gate=0.5), "gradient",
+                                batches("A and B", train_words, seed=seed), steps, seed)
+            score(joint, "joint fit")
             composition.setdefault("plan", []).append({key: plan[key] for key in
                                                        ("union_gates", "clipped_fraction", "sign_conflicts", "pairs")})
     config = base_model(shape).config
     capacity = config.num_hidden_layers * config.hidden_size
     return {
-        "shape": shape, "gate_capacity": capacity, "steps": steps, "seeds": list(range(seeds)),
-        "learning_rates": LEARNING_RATES, "pretrain_seconds": pretrain_seconds, "composition_gates": counts[1],
+        "shape": shape, "gate_capacity": capacity, "pretrain_steps": pretrain_steps, "steps": steps,
+        "seeds": list(range(seeds)), "learning_rates": LEARNING_RATES, "pretrain_seconds": pretrain_seconds, "composition_gates": counts[1],
         "base": {task: {"exact_match": r["exact_match"], "nll": r["nll"]} for task, r in base.items()},
         "methods": {name: {"exact_match": summarize(row["exact_match"]), "nll": summarize(row["nll"]),
                            "seconds": summarize(row["seconds"]), "step_memory": row["memory"][0]}
@@ -150,11 +161,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    parser.add_argument("--pretrain-steps", type=int, help="default: the shape's (1,200 quick, 3,000 full)")
+    parser.add_argument("--out", default=result_path("quality"))
     args = parser.parse_args()
     shape = "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as workdir:
-        result = run(shape, args.seeds, args.steps, Path(workdir), args.device)
+        pretrain_steps = args.pretrain_steps or SHAPES[shape][1]
+        result = run(shape, args.seeds, args.steps, pretrain_steps, Path(workdir), args.device)
     report = {**environment(args.device), "dtype": "float32", **result}
     write_json(args.out, report)
     print(f"task A held-out, {shape} model ({report['gate_capacity']} gates), {args.steps} steps, "
@@ -168,7 +181,7 @@ def main() -> None:
     print(f"composition ({report['composition_gates']} gradient gates per task), exact match:")
     for name, row in report["composition"].items():
         if name != "plan":
-            print(f"  {name:<22}{row['exact_match']['mean']:>8.1%} ±{row['exact_match']['std']:.1%}")
+            print(f"  {name:<26}{row['exact_match']['mean']:>8.1%} ±{row['exact_match']['std']:.1%}")
     print(f"wrote {args.out}")
 
 

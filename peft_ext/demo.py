@@ -1,10 +1,11 @@
-"""End-to-end demo on a tiny model, offline: steer a model that answers in either case towards upper case.
+"""End-to-end demo on a tiny model, offline: elicit a behaviour the base model shows only rarely.
 
-1. Write the task as ``train.jsonl`` / ``held_out.jsonl`` (prompt/completion rows) and read it back like user data.
-   Pre-train ``configs/tiny-llama.json`` briefly on ``"word:" -> " word"`` or ``" WORD"`` (50/50), save it.
-2. Reload it with ``from_pretrained``; fit sparse log-gate controllers on upper-case completions: gradient-selected
-   gates and, as the control, the same number of random gates.
-3. Evaluate base vs controllers on held-out words (teacher-forced completion NLL, exact match).
+1. Pre-train ``configs/tiny-llama.json`` briefly to copy words: ``"word:"`` -> ``" word"`` mostly, ``" WORD"`` in
+   20% of rows (:func:`copy_mixture`) over thousands of distinct words, so that it copies unseen words too.
+2. Write the task as ``train.jsonl`` / ``held_out.jsonl`` (always ``" WORD"``) and read it back like user data.
+3. Reload the base with ``from_pretrained``; fit sparse log-gate controllers: gradient-selected gates and, as the
+   control, the same number of random gates. Evaluate base vs controllers on held-out words (completion NLL, exact
+   match).
 4. Save the controller, reload it with ``PeftModel.from_pretrained`` (exactness checked), and on a 4-bit copy.
 """
 
@@ -28,9 +29,11 @@ from .tiny import build_model, char_tokenizer
 from .tuners.loggate import GateConfig
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+PRETRAIN_WORDS, PRETRAIN_STEPS = 16000, 500  # about one pass: enough distinct words that copying generalises
 
 
 def make_words(count: int, seed: int) -> list[str]:
+    """``count`` distinct random lower-case words of 3-5 letters, the same in every process."""
     rng = random.Random(seed)
     words: set[str] = set()
     while len(words) < count:
@@ -40,18 +43,32 @@ def make_words(count: int, seed: int) -> list[str]:
     return ordered
 
 
-def pretrain_base(directory: Path, tokenizer, words: list[str], steps: int, seed: int, separators: str = ":",
-                  model=None) -> None:
-    """Train every weight of ``model`` (default: the tiny Llama) on ``"word<sep>"`` -> ``" word"`` or ``" WORD"``
-    (50/50, for each separator) and save it with the tokenizer: the 'pre-trained' base."""
+def split_words(seed: int, train: int = 300, held_out: int = 60) -> tuple[list[str], list[str], list[str]]:
+    """Disjoint ``(pre-training, training, held-out)`` word lists: ``PRETRAIN_WORDS``, ``train`` and ``held_out``."""
+    words = make_words(PRETRAIN_WORDS + train + held_out, seed)
+    return words[:PRETRAIN_WORDS], words[PRETRAIN_WORDS:-held_out], words[-held_out:]
+
+
+def styled(word: str, upper: bool = False, starred: bool = False) -> str:
+    """The completion of ``word``: ``" word"``, upper-cased and/or with a leading ``*``."""
+    return " " + ("*" if starred else "") + (word.upper() if upper else word)
+
+
+def copy_mixture(words: list[str], seed: int, p_upper: float = 0.2, p_starred: float = 0.0) -> list[Example]:
+    """Pre-training rows ``"word:"`` -> :func:`styled` ``word``, upper case with probability ``p_upper`` and starred
+    with probability ``p_starred``, independently: the base learns to copy and keeps both styles as rare options."""
     rng = random.Random(seed)
-    mixture = [Example(f"{w}{sep}", " " + (w.upper() if rng.random() < 0.5 else w))
-               for w in words for sep in separators for _ in range(2)]
+    return [Example(f"{w}:", styled(w, rng.random() < p_upper, rng.random() < p_starred)) for w in words]
+
+
+def pretrain_base(directory: Path, tokenizer, examples: list[Example], steps: int, seed: int, model=None) -> None:
+    """Train every weight of ``model`` (default: the tiny Llama) on ``examples`` with AdamW (lr 3e-3, batches of 32)
+    and save it with the tokenizer: the 'pre-trained' base."""
     model = model if model is not None else build_model("tiny-llama", seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     device = next(model.parameters()).device
-    for batch, _ in zip(cycle(make_batches(tokenizer, mixture, 32)), range(steps)):
+    for batch, _ in zip(cycle(make_batches(tokenizer, examples, 32, seed=seed)), range(steps)):
         loss = model(**to_device(batch, device)).loss
         optimizer.zero_grad()
         loss.backward()
@@ -64,16 +81,15 @@ def run_demo(out_dir: str | Path | None = None, num_gates: int = 64, steps: int 
     torch.manual_seed(seed)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="peft-ext-demo-"))
     tokenizer = char_tokenizer()
-    words = make_words(360, seed)
-    train_words, held_words = words[:300], words[300:]
+    pretrain_words, train_words, held_words = split_words(seed)
     data = {}
-    for split, split_words in (("train", train_words), ("held_out", held_words)):  # the dataset, as a user's files
-        rows = "".join(json.dumps({"prompt": f"{w}:", "completion": " " + w.upper()}) + "\n" for w in split_words)
+    for split, chosen in (("train", train_words), ("held_out", held_words)):  # the dataset, as a user's files
+        rows = "".join(json.dumps({"prompt": f"{w}:", "completion": styled(w, upper=True)}) + "\n" for w in chosen)
         data[split] = atomic_write(out / f"{split}.jsonl", lambda temporary, text=rows: Path(temporary).write_text(text))
     train, held = (make_batches(tokenizer, load_examples(data[split]), 32) for split in ("train", "held_out"))
 
     start = time.perf_counter()
-    pretrain_base(out / "base", tokenizer, train_words, steps=400, seed=seed)
+    pretrain_base(out / "base", tokenizer, copy_mixture(pretrain_words, seed), steps=PRETRAIN_STEPS, seed=seed)
     report = {"base_dir": str(out / "base"), "data": {split: str(path) for split, path in data.items()},
               "pretrain_seconds": round(time.perf_counter() - start, 2), "rows": []}
     load = lambda **kw: AutoModelForCausalLM.from_pretrained(out / "base", **kw).eval()  # noqa: E731

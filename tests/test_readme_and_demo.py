@@ -54,6 +54,7 @@ def test_demo_command(tmp_path):
     assert len(written) == 300 and set(written[0]) == {"prompt", "completion"}
     assert rows["64 gradient gates"]["nll"] < rows["base"]["nll"]
     assert rows["64 gradient gates"]["exact_match"] > rows["base"]["exact_match"]
+    assert rows["64 gradient gates"]["exact_match"] > rows["64 random gates"]["exact_match"]  # the control
     assert rows["64 gradient gates, 4-bit base"]["exact_match"] > rows["base, 4-bit"]["exact_match"]
 
 
