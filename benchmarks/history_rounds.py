@@ -1,12 +1,12 @@
 """Three training rounds on a tiny model, each kept in a history bake while the next round trains on top.
 
 The base is the demo's: ``configs/tiny-llama.json`` pre-trained briefly to copy words after ``:``, in upper case in 20%
-of rows (``peft_ext.demo.copy_mixture``). Round 1 steers
-``word:`` to `` WORD``, round 2 teaches ``word=`` -> `` word``, round 3 ``word;`` -> `` WORD``. Round k trains a modulated
-LoRA adapter on top of the bake of rounds 1..k-1 with completion NLL plus ``kl_weight`` times KL(reference || model) on
-the earlier rounds' prompts, the reference being ``peft_ext.reference(model, include_history=True)``. The round is
-saved alone and appended to the bake. The table gives held-out exact match of every task after every round, for the
-run with the KL term and for the same run without it.
+of rows (``peft_ext.demo.copy_mixture``). Round 1 steers ``word:`` to `` WORD``, round 2 teaches ``word=`` ->
+`` word``, round 3 ``word;`` -> `` WORD``. Round k trains a modulated LoRA adapter on top of the bake of rounds
+1..k-1 with completion NLL plus ``kl_weight`` times KL(reference || model) on the earlier rounds' prompts, the
+reference being ``peft_ext.reference(model, include_history=True)``. The round is saved alone and appended to the
+bake. The table gives held-out exact match of every task after every round, for the run with the KL term and for the
+same run without it.
 
     python benchmarks/history_rounds.py            # about a minute on 2 CPU cores
 """
