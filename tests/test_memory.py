@@ -271,6 +271,29 @@ def test_serving_attaches_for_the_request_only_and_matches_peft(store, world):
         assert torch.equal(model(ids).logits, base)
 
 
+@pytest.mark.parametrize("quantization", ["load_in_4bit", "load_in_8bit"])
+def test_serving_on_a_bitsandbytes_base_matches_peft_on_the_same_base(store, world, quantization):
+    """Hooks sit on bnb ``Linear4bit`` / ``Linear8bitLt`` (subclasses of ``nn.Linear``) and add to their output; the
+    quantized base keeps the fp32 base's fingerprint, so memories fitted on it attach."""
+    root, adapters = world
+    store.add("n", "french cooking recipes", adapters["gate_a"])
+    store.add("n", "swiss alps hiking", adapters["lora"])
+    load = lambda: load_base_model(str(root / "base"), **{quantization: True}, device="cpu")  # noqa: E731
+    model = load()
+    ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+        server = MemoryServer(model, store, "n", k=1)
+        assert torch.equal(model(ids).logits, base)
+        for query, name in (("french cooking", "gate_a"), ("alps hiking", "lora")):
+            expected = PeftModel.from_pretrained(load(), adapters[name])(ids).logits
+            with server.attached(server.retrieve(query)):
+                served = model(ids).logits
+            assert not torch.equal(served, base)
+            assert torch.allclose(served, expected, atol=1e-4, rtol=0), (name, (served - expected).abs().max())
+        assert torch.equal(model(ids).logits, base)
+
+
 def test_two_threads_serving_different_memories_never_see_each_others(store, world):
     root, adapters = world
     store.add("n", "first memory alpha", adapters["gate_a"])
