@@ -90,12 +90,17 @@ def test_fit_writes_an_adapter_with_provenance_card_and_report(name, adapters, w
                                                                                      rel=1e-5)
 
 
-def test_fit_then_eval_beats_the_base_and_4bit_fit_matches_the_fingerprint(adapters, work, tmp_path):
+def test_fit_then_eval_beats_the_base_on_fp32_and_int8_and_4bit_fit_matches_the_fingerprint(adapters, work, tmp_path):
     run("eval", "--model", work / "base", "--adapter", adapters["mlora"], "--data", work / "eval.jsonl",
         "--out", tmp_path / "eval.json")
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["kind"] == "completion"
     assert report["adapter_metrics"]["nll"] < report["base_metrics"]["nll"] - 0.3
+    run("eval", "--model", work / "base", "--load-in-8bit", "--adapter", adapters["mlora"], "--data",
+        work / "eval.jsonl", "--out", tmp_path / "eval8.json")
+    int8 = json.loads((tmp_path / "eval8.json").read_text())
+    assert int8["adapter_metrics"]["nll"] == pytest.approx(report["adapter_metrics"]["nll"], abs=0.05)
+    assert int8["adapter_metrics"]["nll"] < int8["base_metrics"]["nll"] - 0.3
     run(*fit_args(work, "gate", tmp_path / "q", "--gates", "32", "--load-in-4bit", "--steps", "5"))
     quantized = json.loads((tmp_path / "q" / "provenance.json").read_text())
     assert quantized["fit_report"]["quantization"] == "nf4"
