@@ -5,10 +5,10 @@ Every memory registers a saved log-gate controller of a tiny model (``configs/ti
 distinct adapter folders (each copied, hashed and checked); the rest reuse a few of them, so the large store measures
 the database and index, not the copying of thousands of folders. Search queries are two words of the vocabulary.
 
-Serving: a 512-wide 8-block Llama, batches of 4 x 128 and 1 x 8 tokens, fp32, forward without gradients, interleaved repetitions in one
-process. Variants: the base model (a second copy without hooks); the served model with nothing attached (every hook
-returns ``None``); the served model with a dense log-gate memory or a modulated-LoRA r8 all-linear memory attached;
-and, for reference, the same two adapters applied by their PEFT tuners.
+Serving: the 512-wide 8-block Llama of ``overhead.py``, batches of 4 x 128 and 1 x 8 tokens, fp32, forward without
+gradients, interleaved repetitions in one process. Variants: the base model (a second copy without hooks); the served
+model with nothing attached (every hook returns ``None``); the served model with a dense log-gate memory or a
+modulated-LoRA r8 all-linear memory attached; and, for reference, the same two adapters applied by their PEFT tuners.
 
     python benchmarks/memory_store.py --quick      # 100 and 2,000 memories
     python benchmarks/memory_store.py              # 100 and 10,000 memories
@@ -17,7 +17,6 @@ and, for reference, the same two adapters applied by their PEFT tuners.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -27,14 +26,15 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 from timing import environment, interleaved, result_path, summarize
-from transformers import AutoConfig, AutoModelForCausalLM
+from overhead import base_config
+from transformers import AutoModelForCausalLM
 
 from peft_ext import GateConfig, ModulatedLoraConfig
 from peft_ext.io import write_json
 from peft_ext.memory import MemoryStore
 from peft_ext.provenance import fingerprint, write_provenance
 from peft_ext.serving import MemoryServer
-from peft_ext.tiny import build_model, config_path
+from peft_ext.tiny import build_model
 
 WORDS = [f"{a}{b}" for a in ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")
          for b in ("river", "stone", "cloud", "forest", "engine", "garden", "signal", "market", "winter", "harbor")]
@@ -66,14 +66,12 @@ def search_latency(store: MemoryStore, rng: random.Random, repeats: int) -> dict
             "repeats": repeats}
 
 
-SERVING_SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
-                 "num_key_value_heads": 4}
 SERVING_INPUTS = ((4, 128), (1, 8))  # (batch, tokens): a prefill-sized batch and a latency-bound short one
 
 
 def serving_overhead(workdir: Path, repeats: int) -> dict:
     """Forward medians and ratios to the base model of the served model, empty and with one memory attached."""
-    config = AutoConfig.for_model(**{**json.loads(config_path("tiny-llama").read_text()), **SERVING_SHAPE})
+    config = base_config("small")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(workdir / "serving-base")
     load = lambda: AutoModelForCausalLM.from_pretrained(workdir / "serving-base").eval()  # noqa: E731
@@ -103,7 +101,9 @@ def serving_overhead(workdir: Path, repeats: int) -> dict:
     for batch, length in SERVING_INPUTS:
         ids = torch.randint(4, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
         forward[f"{batch} x {length}"] = summarize(interleaved(models, ids, repeats), {"base": "base"})
-    return {"shape": SERVING_SHAPE, "repeats": repeats, "hooks": len(server._hooks), "forward": forward}
+    shape = {key: getattr(config, key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                    "num_attention_heads", "num_key_value_heads")}
+    return {"shape": shape, "repeats": repeats, "hooks": len(server._hooks), "forward": forward}
 
 
 def main() -> None:

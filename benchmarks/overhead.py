@@ -14,7 +14,6 @@ fine-tuning step (every weight gets a gradient; on nf4 only the unquantized ones
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_ext import GateConfig, ModulatedLoraConfig, ModulatedPissaConfig, bake, select_gates
 from peft_ext.io import write_json
-from peft_ext.tiny import config_path
+from peft_ext.tiny import model_config
 
 SHAPES = {
     # name: (config file, overrides, batch, sequence length)
@@ -38,7 +37,7 @@ SHAPES = {
 
 def base_config(shape: str):
     name, overrides, _, _ = SHAPES[shape]
-    return AutoConfig.for_model(**{**json.loads(config_path(name).read_text()), **overrides})
+    return model_config(name, **overrides)
 
 
 def variants(shape: str, device: str, dtype: torch.dtype, quantization: str | None, workdir: Path) -> dict:

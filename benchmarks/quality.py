@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from timing import environment, result_path, step_memory
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from peft_ext import GateConfig, ModulatedLoraConfig, compose_gates, select_gates
 from peft_ext.data import Example, evaluate, make_batches
 from peft_ext.demo import copy_mixture, pretrain_base, split_words, styled
 from peft_ext.fit import fit
 from peft_ext.io import write_json
-from peft_ext.tiny import char_tokenizer, config_path
+from peft_ext.tiny import char_tokenizer, model_config
 
 SHAPES = {  # name: (overrides of configs/tiny-llama.json, pre-training steps, gate counts of the sweep)
     "quick": ({}, 1200, (32, 64, 128)),
@@ -49,9 +49,7 @@ LEARNING_RATES = {"gates": 2e-2, "lora": 1e-2}
 
 
 def base_model(shape: str):
-    import json
-
-    config = AutoConfig.for_model(**{**json.loads(config_path("tiny-llama").read_text()), **SHAPES[shape][0]})
+    config = model_config(**SHAPES[shape][0])
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
@@ -90,23 +88,23 @@ def run(shape: str, seeds: int, steps: int, pretrain_steps: int, workdir: Path, 
     tokenizer = char_tokenizer()
     pretrain_words, train_words, held_words = split_words(0, train=300, held_out=200)
 
-    def batches(task: str, chosen: list[str], seed=None) -> list[dict]:
-        return make_batches(tokenizer, [Example(f"{w}:", styled(w, **TASKS[task])) for w in chosen], 32, seed=seed)
+    def batches(style: dict, chosen: list[str], seed=None) -> list[dict]:
+        return make_batches(tokenizer, [Example(f"{w}:", styled(w, **style)) for w in chosen], 32, seed=seed)
 
     start = time.perf_counter()
     pretrain_base(workdir / "base", tokenizer, copy_mixture(pretrain_words, 0, p_upper=0.2, p_starred=0.2),
                   steps=pretrain_steps, seed=0, model=base_model(shape).to(device))
     pretrain_seconds = time.perf_counter() - start
     load = lambda: AutoModelForCausalLM.from_pretrained(workdir / "base").to(device).eval()  # noqa: E731
-    held = {task: batches(task, held_words) for task in TASKS}
-    base = {task: evaluate(load(), held[task]) for task in TASKS}
-    plain = make_batches(tokenizer, [Example(f"{w}:", styled(w)) for w in held_words], 32)
-    base_copies = evaluate(load(), plain)["exact_match"]  # the base's own style, on words it never saw
+    held = {task: batches(style, held_words) for task, style in TASKS.items()}
+    pretrained = load()
+    base = {task: evaluate(pretrained, task_batches) for task, task_batches in held.items()}
+    base_copies = evaluate(pretrained, batches({}, held_words))["exact_match"]  # its own style, on unseen words
     counts = SHAPES[shape][2]
     rows: dict[str, dict[str, list]] = {}
     composition: dict[str, dict[str, list]] = {}
     for seed in range(seeds):
-        train = {task: batches(task, train_words, seed=seed) for task in ("A", "B")}
+        train = {task: batches(TASKS[task], train_words, seed=seed) for task in ("A", "B")}
         for name, (factory, strategy) in methods(counts).items():
             model, seconds, memory = adapt(load, factory(), strategy, train["A"], steps, seed)
             result = evaluate(model, held["A"])
@@ -139,7 +137,7 @@ def run(shape: str, seeds: int, steps: int, pretrain_steps: int, workdir: Path, 
                 combined.set_adapter(label)
                 score(combined, label)
             joint, _, _ = adapt(load, GateConfig(num_gates=2 * count, max_log_gate=0.5), "gradient",
-                                batches("A and B", train_words, seed=seed), steps, seed)
+                                batches(TASKS["A and B"], train_words, seed=seed), steps, seed)
             score(joint, "joint fit")
             composition.setdefault("plan", []).append({key: plan[key] for key in
                                                        ("union_gates", "clipped_fraction", "sign_conflicts", "pairs")})

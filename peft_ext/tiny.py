@@ -41,9 +41,14 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def model_config(name: str = "tiny-llama", **overrides):
+    """The ``transformers`` config of ``configs/<name>.json``, with ``overrides`` (e.g. a wider ``hidden_size``)."""
+    return AutoConfig.for_model(**{**json.loads(config_path(name).read_text()), **overrides})
+
+
 def build_model(name: str = "tiny-llama", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised causal LM from ``configs/<name>.json`` (deterministic for a given seed)."""
-    config = AutoConfig.for_model(**json.loads(config_path(name).read_text()))
+    config = model_config(name)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
