@@ -100,6 +100,7 @@ def test_fit_then_eval_beats_the_base_on_fp32_and_int8_and_4bit_fit_matches_the_
         work / "eval.jsonl", "--out", tmp_path / "eval8.json")
     int8 = json.loads((tmp_path / "eval8.json").read_text())
     assert int8["adapter_metrics"]["nll"] == pytest.approx(report["adapter_metrics"]["nll"], abs=0.05)
+    assert int8["adapter_metrics"]["nll"] != report["adapter_metrics"]["nll"]  # the base really was quantized
     assert int8["adapter_metrics"]["nll"] < int8["base_metrics"]["nll"] - 0.3
     run(*fit_args(work, "gate", tmp_path / "q", "--gates", "32", "--load-in-4bit", "--steps", "5"))
     quantized = json.loads((tmp_path / "q" / "provenance.json").read_text())

@@ -280,6 +280,8 @@ def test_serving_on_a_bitsandbytes_base_matches_peft_on_the_same_base(store, wor
     store.add("n", "swiss alps hiking", adapters["lora"])
     load = lambda: load_base_model(str(root / "base"), **{quantization: True}, device="cpu")  # noqa: E731
     model = load()
+    quantized = {"load_in_4bit": "Linear4bit", "load_in_8bit": "Linear8bitLt"}[quantization]
+    assert any(type(module).__name__ == quantized for module in model.modules())
     ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model(ids).logits
